@@ -59,6 +59,11 @@ test: setup
 test-unit: setup
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
+# Only the browser tests; unlike `make test` (which skips them without a browser) they must run:
+# a missing Chromium (Debian's `chromium`) or playwright fails. Artifacts: artifacts/e2e/.
+test-e2e: setup
+	COURSE_E2E=require $(BIN)/python -m pytest tests/e2e -rs $(PYTEST_ARGS)
+
 nbval: setup
 	$(BIN)/python -m pytest solutions --nbval --nbval-current-env \
 		--nbval-sanitize-with nbval_sanitize.cfg --nbval-cell-timeout=300 $(PYTEST_ARGS)
@@ -67,7 +72,7 @@ grade: setup
 	$(BIN)/course grade "$(SUBMISSIONS)" --out "$(GRADEBOOK)"
 
 grade-demo: setup
-	$(BIN)/course grade --demo grade-demo
+	$(BIN)/course grade --demo grade-demo --jobs 2
 
 bench: setup
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python "$$f" || exit 1; done
