@@ -143,7 +143,13 @@ def _linear_like(module: object, name: str = "base_layer") -> tuple[int, int, to
             f"out_features and a weight tensor, e.g. a quantised linear layer), "
             f"got {type(module).__name__}"
         )
-    if isinstance(module, nn.Linear) and tuple(weight.shape) != (out_f, in_f):
+    # A quantised nn.Linear subclass (bitsandbytes' Linear4bit) stores packed integer codes in
+    # `weight`, whose shape is not (out, in); only a floating-point weight is checked.
+    if (
+        isinstance(module, nn.Linear)
+        and weight.is_floating_point()
+        and tuple(weight.shape) != (out_f, in_f)
+    ):
         raise ValueError(
             f"{name}.weight has shape {tuple(weight.shape)}, but an nn.Linear with "
             f"in_features={in_f}, out_features={out_f} needs ({out_f}, {in_f})"

@@ -1,0 +1,218 @@
+"""course_lib.checks.finetuning: each check passes on the solution and fails usefully on the
+release stub and on typical mistakes. The solution and the stub are taken from
+solutions/02_lora_finetuning.ipynb itself (the stub through the release's own transformation),
+so the test follows the notebook."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from course_lib.checks.finetuning import (
+    check_optimisation_step,
+    check_select_trainable_parameters,
+)
+from course_lib.instructor.protocol import grade_id_of
+from course_lib.instructor.release import student_cell
+from course_lib.model.tinygpt import lm_loss
+from course_lib.train import split_batch
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "solutions" / "02_lora_finetuning.ipynb"
+FILL_INS = ("nb02_select_trainable_impl", "nb02_optimisation_step_impl")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread is faster and avoids OpenMP oversubscription on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _cell_source(grade_id: str, released: bool) -> str:
+    nb = json.loads(NOTEBOOK.read_text(encoding="utf-8"))
+    for index, cell in enumerate(nb["cells"]):
+        if grade_id_of(cell) == grade_id:
+            if released:
+                cell, problems = student_cell(cell, NOTEBOOK.name, index)
+                assert not problems
+            src = cell["source"]
+            return "".join(src) if isinstance(src, list) else src
+    raise LookupError(grade_id)
+
+
+def notebook_namespace(released: bool) -> dict:
+    """Run the fill-in cells (solution or released stub) as the notebook would."""
+    ns: dict = {"torch": torch, "nn": nn, "lm_loss": lm_loss, "split_batch": split_batch}
+    for gid in FILL_INS:
+        exec(compile(_cell_source(gid, released), f"<{gid}>", "exec"), ns)
+    return ns
+
+
+@pytest.fixture(scope="module")
+def solution():
+    return notebook_namespace(released=False)
+
+
+@pytest.fixture(scope="module")
+def stub():
+    return notebook_namespace(released=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the solution passes, printing exactly the success line; the stub fails with a hint
+# ---------------------------------------------------------------------------------------------
+
+
+def test_select_trainable_passes_on_the_solution(solution, capsys):
+    check_select_trainable_parameters(solution["select_trainable_parameters"])
+    assert capsys.readouterr().out == "CHECK nb02_select_trainable: PASS\n"
+
+
+def test_optimisation_step_passes_on_the_solution(solution, capsys):
+    check_optimisation_step(solution["optimisation_step"])
+    assert capsys.readouterr().out == "CHECK nb02_optimisation_step: PASS\n"
+
+
+@pytest.mark.parametrize(
+    "check, name",
+    [
+        (check_select_trainable_parameters, "select_trainable_parameters"),
+        (check_optimisation_step, "optimisation_step"),
+    ],
+)
+def test_checks_fail_on_the_release_stub(stub, capsys, check, name):
+    with pytest.raises(AssertionError, match="not implemented yet"):
+        check(stub[name])
+    assert "PASS" not in capsys.readouterr().out
+
+
+def test_checks_leave_the_global_random_state_alone(solution):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    check_select_trainable_parameters(solution["select_trainable_parameters"])
+    check_optimisation_step(solution["optimisation_step"])
+    assert torch.equal(torch.rand(3), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# typical mistakes get specific hints
+# ---------------------------------------------------------------------------------------------
+
+
+def _freeze_only_wrapped_bases(model):
+    for name, p in model.named_parameters():
+        if name.endswith("base_layer.weight"):
+            p.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _freeze_everything(model):
+    model.requires_grad_(False)
+    return []
+
+
+def _leave_base_weights_trainable(model):
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name or "base_layer" in name)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _return_names(model):
+    names = []
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+        if "lora_" in name:
+            names.append(name)
+    return names
+
+
+def _return_only_lora_A(model):
+    out = []
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+        if "lora_A" in name:
+            out.append(p)
+    return out
+
+
+@pytest.mark.parametrize(
+    "fn, hint",
+    [
+        (lambda model: None, "forget the `return`"),
+        (_freeze_only_wrapped_bases, "embeddings, norms and lm_head too"),
+        (_freeze_everything, "keep lora_A and lora_B"),
+        (_leave_base_weights_trainable, "wrapped base weight"),
+        (_return_names, "nn.Parameter objects themselves"),
+        (_return_only_lora_A, "expected the"),
+    ],
+)
+def test_select_trainable_mistakes(fn, hint, capsys):
+    with pytest.raises(AssertionError, match=hint):
+        check_select_trainable_parameters(fn)
+    assert "PASS" not in capsys.readouterr().out
+
+
+def _step(mode="tokens", zero=True, clip=True, step=True, as_tensor=False):
+    def fn(model, optimizer, batch, grad_accum_steps=1, max_grad_norm=None):
+        if zero:
+            optimizer.zero_grad()
+        micro = split_batch(batch, grad_accum_steps)
+        total = 0.0
+        for mb in micro:
+            logits = model(mb.inputs)
+            if mode == "tokens":
+                loss = lm_loss(logits, mb.targets, mb.mask, reduction="sum") / batch.n_tokens
+            elif mode == "mean_of_means":
+                loss = lm_loss(logits, mb.targets, mb.mask) / len(micro)
+            elif mode == "micro_tokens":  # normalised by the micro-batch's own token count
+                loss = lm_loss(logits, mb.targets, mb.mask)
+            elif mode == "zero_inside":
+                optimizer.zero_grad()
+                loss = lm_loss(logits, mb.targets, mb.mask, reduction="sum") / batch.n_tokens
+            loss.backward()
+            total = total + (loss.detach() if as_tensor else loss.item())
+        if clip and max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], max_grad_norm
+            )
+        if step:
+            optimizer.step()
+        return total
+
+    return fn
+
+
+@pytest.mark.parametrize(
+    "fn, hint",
+    [
+        (_step(step=False), r"call optimizer\.step\(\)"),
+        (_step(zero=False), "gradients of an earlier step"),
+        (_step(clip=False), "not clipped"),
+        (_step(mode="mean_of_means"), "pitfall 5"),
+        (_step(mode="micro_tokens"), "unscaled"),
+        (_step(mode="zero_inside"), "differently from one optimiser step"),
+    ],
+)
+def test_optimisation_step_mistakes(fn, hint, capsys):
+    with pytest.raises(AssertionError, match=hint):
+        check_optimisation_step(fn)
+    assert "PASS" not in capsys.readouterr().out
+
+
+def test_optimisation_step_accepts_a_tensor_loss_but_not_none(capsys):
+    check_optimisation_step(_step(as_tensor=True))  # a 0-d tensor converts to float
+    assert capsys.readouterr().out == "CHECK nb02_optimisation_step: PASS\n"
+    correct = _step()
+
+    def returns_none(*args):
+        correct(*args)
+
+    with pytest.raises(AssertionError, match="returned None"):
+        check_optimisation_step(returns_none)

@@ -1,0 +1,229 @@
+"""The notebook-04 checks pass on the solution and fail usefully on the stub and typical mistakes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from course_lib.checks.flash_attention import check_online_softmax_update, check_tiled_attention
+
+# --------------------------------------------------------------------------------------------
+# Online-softmax update: the solution and its typical mistakes
+# --------------------------------------------------------------------------------------------
+
+
+def update_solution(m, l, o, s_block, v_block):  # noqa: E741
+    m_new = torch.maximum(m, s_block.max(dim=-1).values)
+    p = torch.exp(s_block - m_new[..., None])
+    alpha = torch.exp(m - m_new)
+    return m_new, alpha * l + p.sum(dim=-1), alpha[..., None] * o + p @ v_block
+
+
+def update_stub(m, l, o, s_block, v_block):  # noqa: E741
+    raise NotImplementedError("Fill-in 'nb04_online_softmax_impl' is not done yet")
+
+
+def update_no_rescale(m, l, o, s_block, v_block):  # noqa: E741
+    m_new = torch.maximum(m, s_block.max(dim=-1).values)
+    p = torch.exp(s_block - m_new[..., None])
+    return m_new, l + p.sum(dim=-1), o + p @ v_block
+
+
+def update_rescale_l_only(m, l, o, s_block, v_block):  # noqa: E741
+    m_new = torch.maximum(m, s_block.max(dim=-1).values)
+    p = torch.exp(s_block - m_new[..., None])
+    return m_new, torch.exp(m - m_new) * l + p.sum(dim=-1), o + p @ v_block
+
+
+def update_rescale_o_only(m, l, o, s_block, v_block):  # noqa: E741
+    m_new = torch.maximum(m, s_block.max(dim=-1).values)
+    p = torch.exp(s_block - m_new[..., None])
+    alpha = torch.exp(m - m_new)
+    return m_new, l + p.sum(dim=-1), alpha[..., None] * o + p @ v_block
+
+
+def update_no_max_subtraction(m, l, o, s_block, v_block):  # noqa: E741
+    m_new = torch.maximum(m, s_block.max(dim=-1).values)
+    p = torch.exp(s_block)
+    return m_new, l + p.sum(dim=-1), o + p @ v_block
+
+
+def update_alpha_inverted(m, l, o, s_block, v_block):  # noqa: E741
+    m_new = torch.maximum(m, s_block.max(dim=-1).values)
+    p = torch.exp(s_block - m_new[..., None])
+    alpha = torch.exp(m_new - m).nan_to_num(posinf=0.0)
+    return m_new, alpha * l + p.sum(dim=-1), alpha[..., None] * o + p @ v_block
+
+
+def update_normalised_too_early(m, l, o, s_block, v_block):  # noqa: E741
+    m_new, l_new, o_new = update_solution(m, l, o, s_block, v_block)
+    return m_new, l_new, o_new / l_new[..., None]
+
+
+def update_2d_only(m, l, o, s_block, v_block):  # noqa: E741
+    m_new = torch.maximum(m, s_block.max(dim=1).values)
+    p = torch.exp(s_block - m_new[:, None])
+    alpha = torch.exp(m - m_new)
+    return m_new, alpha * l + p.sum(dim=1), alpha[:, None] * o + p @ v_block
+
+
+def test_update_check_passes_on_solution_and_prints_only_the_pass_line(capsys):
+    check_online_softmax_update(update_solution)
+    assert capsys.readouterr().out == "CHECK nb04_online_softmax: PASS\n"
+
+
+def test_update_check_keeps_the_global_random_state():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    check_online_softmax_update(update_solution)
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize(
+    "fn,match",
+    [
+        (update_stub, "not implemented yet"),
+        (update_no_rescale, "neither the old sum l nor the old output o was rescaled"),
+        (update_rescale_l_only, r"the old output o was not rescaled \(l was\)"),
+        (update_rescale_o_only, r"the old sum l was not rescaled \(o was\)"),
+        (update_no_max_subtraction, "without subtracting the max"),
+        (update_alpha_inverted, "upside down"),
+        (update_normalised_too_early, "do not divide by l here"),
+        (update_2d_only, r"\[\.\.\., None\]"),
+        (lambda m, l_, o, s, v: None, "returned None"),
+        (lambda m, l_, o, s, v: (m, l_), "return three tensors"),
+    ],
+    ids=["stub", "no_rescale", "l_only", "o_only", "no_max", "alpha_inverted", "normalised",
+         "2d_only", "none", "two_values"],
+)
+def test_update_check_fails_with_a_hint(fn, match, capsys):
+    with pytest.raises(AssertionError, match=match):
+        check_online_softmax_update(fn)
+    assert "PASS" not in capsys.readouterr().out
+
+
+def test_update_check_catches_overflow_when_only_large_scores_reveal_it():
+    def overflows(m, l, o, s_block, v_block):  # noqa: E741
+        # Right on small scores (the shift cancels), but exp(s) overflows near 1e4.
+        m_new = torch.maximum(m, s_block.max(dim=-1).values)
+        p = torch.exp(s_block) / torch.exp(m_new[..., None])
+        alpha = torch.exp(m) / torch.exp(m_new)
+        return m_new, alpha * l + p.sum(dim=-1), alpha[..., None] * o + p @ v_block
+
+    with pytest.raises(AssertionError, match="overflows"):
+        check_online_softmax_update(overflows)
+
+
+# --------------------------------------------------------------------------------------------
+# Tiled forward: the solution and its typical mistakes
+# --------------------------------------------------------------------------------------------
+
+
+def make_tiled(
+    update=update_solution,
+    *,
+    scale=True,
+    normalise=True,
+    causal_mask=True,
+    skip_blocks=True,
+    full_matrix=False,
+    mask_offset=0,
+):
+    def tiled(q, k, v, block_size=32, causal=False):
+        batch, heads, n, d = q.shape
+        out = torch.empty_like(q)
+        if full_matrix:
+            s_all = q @ k.transpose(-2, -1)  # the mistake: the whole N x N matrix
+            del s_all
+        for i in range(0, n, block_size):
+            qi = q[:, :, i : i + block_size] * (d**-0.5 if scale else 1.0)
+            rows = qi.shape[2]
+            m = torch.full((batch, heads, rows), float("-inf"))
+            l = torch.zeros(batch, heads, rows)  # noqa: E741
+            o = torch.zeros(batch, heads, rows, d)
+            k_end = min(n, i + block_size) if (causal and skip_blocks) else n
+            for j in range(0, k_end, block_size):
+                s = qi @ k[:, :, j : j + block_size].transpose(-2, -1)
+                if causal and causal_mask:
+                    qpos = torch.arange(i, i + rows)[:, None]
+                    kpos = torch.arange(j, min(j + block_size, n))[None, :]
+                    s = s.masked_fill(kpos > qpos + mask_offset, float("-inf"))
+                m, l, o = update(m, l, o, s, v[:, :, j : j + block_size])  # noqa: E741
+            out[:, :, i : i + block_size] = o / l[..., None] if normalise else o
+        return out
+
+    return tiled
+
+
+def tiled_stub(q, k, v, block_size=32, causal=False):
+    raise NotImplementedError("Fill-in 'nb04_tiled_attention_impl' is not done yet")
+
+
+def test_tiled_check_passes_on_solution(capsys):
+    check_tiled_attention(make_tiled())
+    assert capsys.readouterr().out == "CHECK nb04_tiled_attention: PASS\n"
+
+
+def test_tiled_check_passes_on_the_library_implementation(capsys):
+    from course_lib.utils.flash_attention import tiled_attention
+
+    check_tiled_attention(lambda q, k, v, b, c: tiled_attention(q, k, v, c, block_q=b, block_k=b))
+    assert capsys.readouterr().out == "CHECK nb04_tiled_attention: PASS\n"
+
+
+def _query_blocks_against_all_keys(q, k, v, block_size=32, causal=False):
+    # O(block x N) memory per step and a plain softmax: not tiled over the keys.
+    n, d = q.shape[2], q.shape[3]
+    out = torch.empty_like(q)
+    for i in range(0, n, block_size):
+        s = q[:, :, i : i + block_size] @ k.transpose(-2, -1) / d**0.5
+        if causal:
+            rows = torch.arange(i, i + s.shape[2])[:, None]
+            s = s.masked_fill(torch.arange(n)[None, :] > rows, float("-inf"))
+        out[:, :, i : i + block_size] = torch.softmax(s, dim=-1) @ v
+    return out
+
+
+def _last_block_dropped(q, k, v, block_size=32, causal=False):
+    n = q.shape[2] // block_size * block_size
+    return make_tiled()(q[:, :, :n], k[:, :, :n], v[:, :, :n], block_size, causal)
+
+
+@pytest.mark.parametrize(
+    "fn,match",
+    [
+        (tiled_stub, "not implemented yet"),
+        (make_tiled(scale=False), "not scaled"),
+        (make_tiled(normalise=False), "not normalised"),
+        (make_tiled(causal_mask=False, skip_blocks=False), "causal mask is ignored"),
+        (make_tiled(causal_mask=False), r"rows \[.*\] of \d+ differ from causal attention"),
+        (make_tiled(mask_offset=1), r"differ from causal attention"),
+        (make_tiled(update_no_rescale), "max abs error"),
+        (make_tiled(update_no_max_subtraction), "inf/nan|max abs error"),
+        (make_tiled(full_matrix=True), "full N x N score matrix"),
+        (_query_blocks_against_all_keys, "not against all keys"),
+        (make_tiled(skip_blocks=False), "skipping the tiles above the diagonal"),
+        (_last_block_dropped, "expected .*last \\(shorter\\) block"),
+        (lambda q, k, v, b, c: None, "returned None"),
+    ],
+    ids=["stub", "no_scale", "no_normalise", "no_causal", "diag_unmasked", "mask_off_by_one",
+         "no_rescale", "no_max", "full_matrix", "all_keys", "no_skip", "short_block", "none"],
+)
+def test_tiled_check_fails_with_a_hint(fn, match, capsys):
+    with pytest.raises(AssertionError, match=match):
+        check_tiled_attention(fn)
+    assert "PASS" not in capsys.readouterr().out
+
+
+def test_tiled_check_catches_overflow_on_large_logits():
+    def unstable(q, k, v, block_size=32, causal=False):
+        # Plain softmax without max subtraction: right on small scores, inf/nan near 1e4.
+        s = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
+        if causal:
+            s = s.masked_fill(~torch.ones_like(s, dtype=torch.bool).tril(), float("-inf"))
+        e = torch.exp(s)
+        return (e / e.sum(-1, keepdim=True)) @ v
+
+    with pytest.raises(AssertionError, match="inf/nan"):
+        check_tiled_attention(unstable)
