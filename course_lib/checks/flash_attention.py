@@ -22,7 +22,7 @@ from course_lib.utils.flash_attention import naive_attention
 
 __all__ = ["check_online_softmax_update", "check_tiled_attention"]
 
-_UPDATE = "online_softmax_update(m, l, o, s_block, v_block)"
+_UPDATE = "online_softmax_update(m, ell, o, s_block, v_block)"
 _TILED = "my_tiled_attention(q, k, v, block_size, causal)"
 
 
@@ -44,12 +44,12 @@ def _finite(t: Any) -> bool:
 
 
 def _unpack_update(result: Any, label: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    expect(result is not None, f"{label} returned None: return the tuple (m_new, l_new, o_new).")
+    expect(result is not None, f"{label} returned None: return the tuple (m_new, ell_new, o_new).")
     expect(
         isinstance(result, (tuple, list)) and len(result) == 3,
-        f"{label} returned {type(result).__name__}; return three tensors (m_new, l_new, o_new).",
+        f"{label} returned {type(result).__name__}; return three tensors (m_new, ell_new, o_new).",
     )
-    for name, t in zip(("m_new", "l_new", "o_new"), result):
+    for name, t in zip(("m_new", "ell_new", "o_new"), result):
         expect(isinstance(t, torch.Tensor), f"{label}: {name} is a {type(t).__name__}, "
                                             "expected a torch.Tensor.")
     return tuple(result)  # type: ignore[return-value]
@@ -102,7 +102,7 @@ def _variants(blocks, values):
 
 
 def check_online_softmax_update(student_fn: Callable[..., Any]) -> None:
-    """``online_softmax_update(m, l, o, s_block, v_block) -> (m_new, l_new, o_new)``.
+    """``online_softmax_update(m, ell, o, s_block, v_block) -> (m_new, ell_new, o_new)``.
 
     Checked on one block from the empty state, on a stream of blocks whose maxima grow (the
     old sum and output must be rescaled), on scores near 1e4 (``exp`` must not overflow) and
@@ -113,7 +113,7 @@ def check_online_softmax_update(student_fn: Callable[..., Any]) -> None:
         # (a) One block from the empty state: m = rowmax, l = sum exp(s - m), o = exp(s - m) @ v.
         blocks, values = _stream(3, [5], 4, offset=0.0, seed=1)
         s, v = blocks[0], values[0]
-        label = f"{_UPDATE} on the first block (m = -inf, l = 0, o = 0)"
+        label = f"{_UPDATE} on the first block (m = -inf, ell = 0, o = 0)"
         m, l, o = _run_stream(student_fn, blocks, values, label)  # noqa: E741
         want_m = s.amax(-1)
         expect(m.shape == (3,), f"{label}: m_new has shape {tuple(m.shape)}, expected (3,) "
@@ -126,17 +126,17 @@ def check_online_softmax_update(student_fn: Callable[..., Any]) -> None:
         want_l = torch.exp(s - want_m[:, None]).sum(-1)
         if _close(l, torch.exp(s).sum(-1)):
             raise AssertionError(
-                f"{label}: l_new = sum(exp(s_block)), without subtracting the max. The running "
+                f"{label}: ell_new = sum(exp(s_block)), without subtracting the max. The running "
                 "sum is measured against the running max: p = exp(s_block - m_new[..., None]), "
-                "l_new = alpha * l + p.sum(dim=-1). (exp(1e4) overflows to inf otherwise.)"
+                "ell_new = alpha * ell + p.sum(dim=-1). (exp(1e4) overflows to inf otherwise.)"
             )
-        expect(_close(l, want_l), f"{label}: l_new = {l.tolist()}, expected {want_l.tolist()} "
+        expect(_close(l, want_l), f"{label}: ell_new = {l.tolist()}, expected {want_l.tolist()} "
                                   "= sum(exp(s_block - m_new)).")
         want_o = torch.exp(s - want_m[:, None]) @ v
         expect(o.shape == want_o.shape, f"{label}: o_new has shape {tuple(o.shape)}, expected "
                                         f"{tuple(want_o.shape)} = (rows, d): p @ v_block.")
         expect(_close(o, want_o), f"{label}: o_new is wrong; expected exp(s_block - m_new) @ "
-                                  "v_block (unnormalised: do not divide by l here).")
+                                  "v_block (unnormalised: do not divide by ell here).")
 
         # (b) A stream of blocks whose maxima grow: the old l and o must be rescaled.
         blocks, values = _stream(4, [3, 5, 2, 6], 3, offset=0.0, seed=2)
@@ -146,9 +146,9 @@ def check_online_softmax_update(student_fn: Callable[..., Any]) -> None:
         want_m, want_l, want_o = variants["right"]
         if not (_close(m, want_m) and _close(l, want_l) and _close(o, want_o)):
             for kind, hint in (
-                ("no_rescale", "neither the old sum l nor the old output o was rescaled"),
-                ("rescale_o_only", "the old sum l was not rescaled (o was)"),
-                ("rescale_l_only", "the old output o was not rescaled (l was)"),
+                ("no_rescale", "neither the old sum ell nor the old output o was rescaled"),
+                ("rescale_o_only", "the old sum ell was not rescaled (o was)"),
+                ("rescale_l_only", "the old output o was not rescaled (ell was)"),
                 ("alpha_inverted", "the rescale factor is upside down: use exp(m_old - m_new)"),
             ):
                 vm, vl, vo = variants[kind]
@@ -157,17 +157,17 @@ def check_online_softmax_update(student_fn: Callable[..., Any]) -> None:
                         f"{label}: {hint}. When a new block raises the max from m_old to m_new, "
                         "everything summed so far was measured against m_old: multiply both by "
                         "alpha = exp(m_old - m_new) before adding the new block "
-                        "(l_new = alpha * l + p.sum(-1), o_new = alpha[..., None] * o + p @ v)."
+                        "(ell_new = alpha * ell + p.sum(-1), o_new = alpha[..., None] * o + p @ v)."
                     )
             expect(_close(m, want_m), f"{label}: final m = {m.tolist()}, expected the running "
                                       f"max {want_m.tolist()}.")
-            expect(_close(l, want_l), f"{label}: final l = {l.tolist()}, expected "
+            expect(_close(l, want_l), f"{label}: final ell = {l.tolist()}, expected "
                                       f"{want_l.tolist()} = sum over all blocks of "
                                       "exp(s - m_final).")
-            raise AssertionError(f"{label}: final o is wrong; o / l should equal "
+            raise AssertionError(f"{label}: final o is wrong; o / ell should equal "
                                  "softmax(all scores) @ all values.")
         full = torch.softmax(torch.cat(blocks, -1), -1) @ torch.cat(values, 0)
-        expect(_close(o / l[:, None], full), f"{label}: o / l differs from softmax(s) @ v.")
+        expect(_close(o / l[:, None], full), f"{label}: o / ell differs from softmax(s) @ v.")
 
         # (c) Scores near 1e4: exp must only ever see (score - running max) <= 0.
         blocks, values = _stream(2, [4, 4, 4], 3, offset=1e4, seed=3)
@@ -175,12 +175,12 @@ def check_online_softmax_update(student_fn: Callable[..., Any]) -> None:
         m, l, o = _run_stream(student_fn, blocks, values, label)  # noqa: E741
         expect(
             _finite(l) and _finite(o),
-            f"{label}: l_new or o_new became inf/nan. exp(1e4) overflows: compute "
+            f"{label}: ell_new or o_new became inf/nan. exp(1e4) overflows: compute "
             "p = exp(s_block - m_new[..., None]) and alpha = exp(m - m_new), never exp(s_block).",
         )
         want_m, want_l, want_o = _variants(blocks, values)["right"]
         expect(_close(l, want_l) and _close(o, want_o),
-               f"{label}: l_new/o_new are finite but wrong; check the rescaling by alpha.")
+               f"{label}: ell_new/o_new are finite but wrong; check the rescaling by alpha.")
 
         # (d) Leading (batch, heads) dimensions, float32.
         gen = torch.Generator().manual_seed(4)
@@ -261,7 +261,7 @@ def _diagnose_tiled(got, q, k, v, causal: bool, label: str) -> None:
     l_final = torch.exp(lse - scores.amax(-1))
     if _close(got, want * l_final[..., None], 1e-4):
         raise AssertionError(f"{label}: the output is not normalised: after the last key block "
-                             "divide the running output o by the running sum l (o / l[..., None]).")
+                             "divide the running output o by the running sum ell (o / ell[..., None]).")
     if causal:
         err = (got - want).abs().amax(dim=(0, 1, 3))  # per query row
         bad = torch.nonzero(err > 1e-4).flatten().tolist()
@@ -299,8 +299,8 @@ def check_tiled_attention(student_fn: Callable[..., Any]) -> None:
                 expect(tuple(got.shape) == (batch, heads, n, d),
                        f"{label} returned shape {tuple(got.shape)}, expected "
                        f"{(batch, heads, n, d)}. Did the last (shorter) block get written?")
-                expect(_finite(got), f"{label}: the output has inf/nan. Start m at -inf, l and o "
-                                     "at 0, and divide by l only at the end.")
+                expect(_finite(got), f"{label}: the output has inf/nan. Start m at -inf, ell and o "
+                                     "at 0, and divide by ell only at the end.")
                 _diagnose_tiled(got, q, k, v, causal, label)
 
         # Large logits: scores around 1e4 must not overflow.
