@@ -5,7 +5,6 @@ so the test follows the notebook."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,7 @@ from course_lib.checks.finetuning import (
     check_optimisation_step,
     check_select_trainable_parameters,
 )
-from course_lib.instructor.protocol import grade_id_of
-from course_lib.instructor.release import student_cell
+from course_lib.instructor.release import run_fill_ins
 from course_lib.model.tinygpt import lm_loss
 from course_lib.train import split_batch
 
@@ -34,24 +32,10 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
-def _cell_source(grade_id: str, released: bool) -> str:
-    nb = json.loads(NOTEBOOK.read_text(encoding="utf-8"))
-    for index, cell in enumerate(nb["cells"]):
-        if grade_id_of(cell) == grade_id:
-            if released:
-                cell, problems = student_cell(cell, NOTEBOOK.name, index)
-                assert not problems
-            src = cell["source"]
-            return "".join(src) if isinstance(src, list) else src
-    raise LookupError(grade_id)
-
-
 def notebook_namespace(released: bool) -> dict:
     """Run the fill-in cells (solution or released stub) as the notebook would."""
     ns: dict = {"torch": torch, "nn": nn, "lm_loss": lm_loss, "split_batch": split_batch}
-    for gid in FILL_INS:
-        exec(compile(_cell_source(gid, released), f"<{gid}>", "exec"), ns)
-    return ns
+    return run_fill_ins(NOTEBOOK, tuple(FILL_INS), ns, released)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ on typical mistakes. The solution and the stub are taken from solutions/01_lora.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -18,31 +17,17 @@ from course_lib.checks.lora import (
     check_lora_layer_init,
     check_lora_trainable_params,
 )
-from course_lib.instructor.protocol import grade_id_of
-from course_lib.instructor.release import student_cell
+from course_lib.instructor.release import run_fill_ins
 from course_lib.model import lora as ref
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "solutions" / "01_lora.ipynb"
 
 
-def _cell_source(grade_id: str, released: bool) -> str:
-    nb = json.loads(NOTEBOOK.read_text(encoding="utf-8"))
-    for index, cell in enumerate(nb["cells"]):
-        if grade_id_of(cell) == grade_id:
-            if released:
-                cell, problems = student_cell(cell, NOTEBOOK.name, index)
-                assert not problems
-            src = cell["source"]
-            return "".join(src) if isinstance(src, list) else src
-    raise LookupError(grade_id)
-
-
 def notebook_namespace(released: bool) -> dict:
     """Run the three fill-in cells (solution or released stub) as the notebook would."""
     ns: dict = {"torch": torch, "nn": nn, "math": math}
-    for gid in ("nb01_param_count_impl", "nb01_lora_layer_impl", "nb01_linear_with_lora_impl"):
-        exec(compile(_cell_source(gid, released), f"<{gid}>", "exec"), ns)
-    return ns
+    fill_ins = ("nb01_param_count_impl", "nb01_lora_layer_impl", "nb01_linear_with_lora_impl")
+    return run_fill_ins(NOTEBOOK, fill_ins, ns, released)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ transformation), so the test follows the notebook."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -20,8 +19,7 @@ from course_lib.checks.memory import (
     check_micro_batch_loss,
     check_saved_bytes,
 )
-from course_lib.instructor.protocol import grade_id_of
-from course_lib.instructor.release import student_cell
+from course_lib.instructor.release import run_fill_ins
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "solutions" / "05_memory_compute_tradeoffs.ipynb"
 FILL_INS = {
@@ -32,24 +30,10 @@ FILL_INS = {
 }
 
 
-def _cell_source(grade_id: str, released: bool) -> str:
-    nb = json.loads(NOTEBOOK.read_text(encoding="utf-8"))
-    for index, cell in enumerate(nb["cells"]):
-        if grade_id_of(cell) == grade_id:
-            if released:
-                cell, problems = student_cell(cell, NOTEBOOK.name, index)
-                assert not problems
-            src = cell["source"]
-            return "".join(src) if isinstance(src, list) else src
-    raise LookupError(grade_id)
-
-
 def notebook_namespace(released: bool) -> dict:
     """Run the four fill-in cells (solution or released stub) as the notebook would."""
     ns: dict = {"torch": torch, "nn": nn, "F": F, "checkpoint": checkpoint}
-    for gid in FILL_INS:
-        exec(compile(_cell_source(gid, released), f"<{gid}>", "exec"), ns)
-    return ns
+    return run_fill_ins(NOTEBOOK, tuple(FILL_INS), ns, released)
 
 
 @pytest.fixture(scope="module")

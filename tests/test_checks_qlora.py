@@ -4,7 +4,6 @@ solutions/03_qlora.ipynb itself (the stub through the release's own transformati
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,7 @@ from course_lib.checks.qlora import (
     check_pack_nibbles,
     check_qlora_model,
 )
-from course_lib.instructor.protocol import grade_id_of
-from course_lib.instructor.release import student_cell
+from course_lib.instructor.release import run_fill_ins
 from course_lib.model import nf4
 from course_lib.model.lora import LoRAConfig, apply_lora
 from course_lib.model.qlora import QLoRAModel, QuantizationConfig
@@ -38,18 +36,6 @@ FILL_INS = (
 SMALL = TinyGPTConfig(n_layer=1, n_head=2, d_model=64, d_ff=128)
 
 
-def _cell_source(grade_id: str, released: bool) -> str:
-    nb = json.loads(NOTEBOOK.read_text(encoding="utf-8"))
-    for index, cell in enumerate(nb["cells"]):
-        if grade_id_of(cell) == grade_id:
-            if released:
-                cell, problems = student_cell(cell, NOTEBOOK.name, index)
-                assert not problems
-            src = cell["source"]
-            return "".join(src) if isinstance(src, list) else src
-    raise LookupError(grade_id)
-
-
 def notebook_namespace(released: bool) -> dict:
     """Run the fill-in cells (solution or released stub) as the notebook would."""
     ns: dict = {
@@ -60,9 +46,7 @@ def notebook_namespace(released: bool) -> dict:
         "LoRAConfig": LoRAConfig,
         "QLoRAModel": QLoRAModel,
     }
-    for gid in FILL_INS:
-        exec(compile(_cell_source(gid, released), f"<{gid}>", "exec"), ns)
-    return ns
+    return run_fill_ins(NOTEBOOK, tuple(FILL_INS), ns, released)
 
 
 @pytest.fixture(scope="module")

@@ -251,3 +251,16 @@ def test_real_solutions_leak_nothing_into_student_notebooks():
                         f"{line.strip()!r}"
                     )
     assert checked > 0
+
+
+def test_run_fill_ins_runs_solution_or_stub(tmp_path):
+    from course_lib.instructor.release import run_fill_ins
+
+    sol, _ = make_course(tmp_path, {"01_demo.ipynb": good_notebook()})
+    ns = run_fill_ins(sol / "01_demo.ipynb", ["nb01_thing_impl"], {})
+    assert ns["Thing"]().method(1) == 43 and ns["other"]() == "second secret"
+    stub = run_fill_ins(sol / "01_demo.ipynb", ["nb01_thing_impl"], {}, released=True)
+    with pytest.raises(NotImplementedError, match="Fill-in 'nb01_thing_impl' is not done yet"):
+        stub["Thing"]().method(1)
+    with pytest.raises(LookupError, match="no cell with grade_id 'nope'"):
+        run_fill_ins(sol / "01_demo.ipynb", ["nope"], {})
