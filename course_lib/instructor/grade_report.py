@@ -9,13 +9,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from course_lib.instructor.grade_rebuild import SolutionNotebook
 from course_lib.instructor.grade_run import PASSED, CheckResult
+from course_lib.instructor.release import atomic_write
 
 FORMAT_VERSION = 1
 
@@ -84,18 +83,6 @@ def notes_for(grades: dict[str, NotebookGrade]) -> str:
         if bits:
             notes.append(f"{name}: " + "; ".join(bits))
     return " | ".join(notes)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def gradebook_csv(solutions: list[SolutionNotebook],
@@ -202,8 +189,8 @@ def write_gradebook(out: Path, solutions: list[SolutionNotebook],
                     grades: dict[str, dict[str, NotebookGrade]], settings: dict,
                     warnings: list[str]) -> None:
     out = Path(out)
-    _atomic_write(out / "gradebook.csv", gradebook_csv(solutions, grades))
-    _atomic_write(out / "gradebook.json", gradebook_json(solutions, grades, settings, warnings))
+    atomic_write(out / "gradebook.csv", gradebook_csv(solutions, grades), newline="")
+    atomic_write(out / "gradebook.json", gradebook_json(solutions, grades, settings, warnings))
     for student in sorted(grades):
-        _atomic_write(out / "feedback" / f"{student}.md",
+        atomic_write(out / "feedback" / f"{student}.md",
                       feedback_markdown(student, solutions, grades[student]))

@@ -182,11 +182,15 @@ def build_release(solutions_dir: Path) -> dict[str, str]:
     return outputs
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str, newline: str = "\n") -> None:
+    """Write ``text`` to ``path`` through a temporary file, so a reader never sees half a file.
+
+    ``newline`` is passed to ``open`` (``""`` keeps the ``\\r\\n`` the csv module writes).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as fh:
             fh.write(text)
         os.replace(tmp, path)
     except BaseException:
@@ -216,7 +220,7 @@ def release(solutions_dir: Path, notebooks_dir: Path, check: bool = False) -> Re
         )
     if not check:
         for target in [*report.missing, *report.stale]:
-            _atomic_write(target, outputs[target.name])
+            atomic_write(target, outputs[target.name])
             report.written.append(target)
     return report
 
