@@ -23,13 +23,7 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "solutions" / "02_lora_finetuni
 FILL_INS = ("nb02_select_trainable_impl", "nb02_optimisation_step_impl")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster and avoids OpenMP oversubscription on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def notebook_namespace(released: bool) -> dict:

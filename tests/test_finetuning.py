@@ -15,16 +15,8 @@ from course_lib.train import TrainConfig, exact_match, train
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not WEIGHTS_FILE.is_file(), reason="run `python -m course_lib.pretrain`"),
+    pytest.mark.usefixtures("one_thread"),
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small matrices: one thread is fast and deterministic on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
