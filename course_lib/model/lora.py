@@ -174,11 +174,11 @@ class LinearWithLoRA(nn.Module):
         self._merged_factors: tuple[torch.Tensor, torch.Tensor, float] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)  # (..., out_features)
         if self.merged:  # the update is already inside the base weight
-            return result
-        if self.fused and kernels.applies(self.lora, x, result):
-            return kernels.add_lora(result, x, self.lora)  # the same sum, fewer passes
+            return self.base_layer(x)
+        if self.fused and kernels.applies(self, x):
+            return kernels.forward(self, x)  # the same sum through fused autograd nodes
+        result = self.base_layer(x)  # (..., out_features)
         return result + self.lora(x).to(result.dtype)
 
     @torch.no_grad()
