@@ -1,0 +1,1 @@
+"""Speed-only kernels, each used from its lesson file behind one visible switch (the lesson file is the reference)."""
