@@ -222,6 +222,55 @@ def test_dequantize_accepts_noncontiguous_and_2d_packed():
     assert torch.equal(dequantize_nf4(odd_offset, state), ref)
 
 
+def test_blockwise_8bit_roundtrip_with_the_default_map():
+    x = torch.linspace(-3.0, 2.0, 300)
+    q, state = nf4.quantize_blockwise_8bit(x, blocksize=128)
+    assert q.dtype == torch.uint8 and q.shape == x.shape and state.absmax.shape == (3,)
+    assert torch.equal(state.code, nf4.dynamic_map())
+    back = nf4.dequantize_blockwise_8bit(q, state)
+    # the dynamic map's largest relative gap near 1 is about 1/127: the error is below absmax/100
+    scale = state.absmax.repeat_interleave(128)[:300]
+    assert torch.all((back - x).abs() <= scale / 100)
+    with pytest.raises(TypeError, match="blocksize must be a positive int"):
+        nf4.quantize_blockwise_8bit(x, blocksize=2.0)
+    with pytest.raises(ValueError, match="blocksize must be a positive int"):
+        nf4.quantize_blockwise_8bit(x, blocksize=0)
+    with pytest.raises(TypeError, match="q must be a uint8 tensor"):
+        nf4.dequantize_blockwise_8bit(q.tolist(), state)
+    with pytest.raises(ValueError, match="q must be a uint8 tensor"):
+        nf4.dequantize_blockwise_8bit(q.int(), state)
+    with pytest.raises(ValueError, match="state.absmax has 2 blocks but 299 values at blocksize 128 need 3"):
+        nf4.dequantize_blockwise_8bit(q[:299], Blockwise8bitState(state.absmax[:2], state.code, 128))
+
+
+def test_state_to_device_copies_every_tensor():
+    packed, state = quantize_nf4(_weights((4, 64), torch.float32), 64, double_quant=True)
+    moved = state.to("meta")
+    assert moved.absmax.device.type == moved.offset.device.type == "meta"
+    assert moved.state2.absmax.device.type == moved.state2.code.device.type == "meta"
+    assert (moved.shape, moved.dtype, moved.blocksize) == (state.shape, state.dtype, 64)
+    assert moved.state2 is not state.state2, "a new state, the original is unchanged"
+    assert state.absmax.device.type == "cpu"
+    _, plain = quantize_nf4(_weights((4, 64), torch.float32), 64)
+    assert plain.to("meta").offset is None and plain.to("meta").state2 is None
+
+
+def test_codebook_roundtrip_with_nf4_is_quantise_then_dequantise():
+    w = _weights((33, 65), torch.float32, seed=4)
+    for blocksize in (32, 64, 4096):
+        ref = dequantize_nf4(*quantize_nf4(w, blocksize), fast=False)
+        assert torch.equal(nf4.codebook_roundtrip(w, nf4_codebook(), blocksize), ref)
+    # blocksize=None: one absmax for the whole tensor; any positive blocksize is allowed
+    whole = nf4.codebook_roundtrip(w, nf4.int4_codebook(), None)
+    assert whole.dtype == torch.float32 and whole.shape == w.shape
+    assert whole.abs().max() == w.abs().max()  # the largest value is a level (k = 7)
+    assert nf4.codebook_roundtrip(w, nf4.fp4_codebook(), 16).shape == w.shape
+    with pytest.raises(TypeError, match="blocksize must be a positive int"):
+        nf4.codebook_roundtrip(w, nf4_codebook(), "64")
+    with pytest.raises(ValueError, match="blocksize must be a positive int"):
+        nf4.codebook_roundtrip(w, nf4_codebook(), -1)
+
+
 # --------------------------------------------------------------------------------------------
 # Storage
 # --------------------------------------------------------------------------------------------
@@ -286,20 +335,33 @@ def test_rejects_empty(shape):
         quantize_nf4(torch.zeros(shape))
 
 
-@pytest.mark.parametrize("blocksize", [0, -64, 16, 48, 100, 8192, 64.0, "64", True, None])
+@pytest.mark.parametrize("blocksize", [0, -64, 16, 48, 100, 8192])
 def test_rejects_bad_blocksize(blocksize):
     with pytest.raises(ValueError, match=r"blocksize must be a power of two in \{32, 64,"):
+        quantize_nf4(torch.randn(128), blocksize)
+
+
+@pytest.mark.parametrize("blocksize", [64.0, "64", True, None])
+def test_rejects_blocksize_of_the_wrong_type(blocksize):
+    with pytest.raises(TypeError, match=r"blocksize must be a power of two in \{32, 64,"):
         quantize_nf4(torch.randn(128), blocksize)
 
 
 def test_rejects_bad_arguments():
     with pytest.raises(TypeError, match="w must be a torch.Tensor"):
         quantize_nf4([0.1, 0.2])
-    with pytest.raises(ValueError, match="double_quant must be True or False"):
+    with pytest.raises(TypeError, match="double_quant must be True or False"):
         quantize_nf4(torch.randn(64), 64, double_quant="yes")
     packed, state = quantize_nf4(torch.randn(10, 64))
     with pytest.raises(ValueError, match="packed must be a uint8"):
         dequantize_nf4(packed.int(), state)
+    with pytest.raises(TypeError, match="packed must be a uint8 tensor .* got list"):
+        dequantize_nf4(packed.tolist(), state)
+    with pytest.raises(TypeError, match="fast must be True or False"):
+        dequantize_nf4(packed, state, fast=1)
+    short = NF4State(state.absmax[:-1], state.shape, state.dtype, state.blocksize)
+    with pytest.raises(ValueError, match="state.absmax has 9 blocks but 640 values at blocksize 64 need 10"):
+        dequantize_nf4(packed, short)
     with pytest.raises(ValueError, match="packed has 319 bytes but shape"):
         dequantize_nf4(packed[:-1], state)
     with pytest.raises(TypeError, match="state must be the NF4State"):
@@ -325,6 +387,7 @@ def test_parity_with_bitsandbytes(bnbf, dtype, shape, blocksize):
     ref_out = _bnb_dequantize(bnbf, ref_packed, ref_state)
     assert out.dtype == ref_out.dtype == dtype and out.shape == ref_out.shape == w.shape
     assert torch.equal(out, ref_out), "dequantised tensors must be identical"
+    assert torch.equal(dequantize_nf4(packed, state, fast=False), ref_out), "the reference too"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -341,7 +404,8 @@ def test_double_quant_parity_with_bitsandbytes(bnbf, dtype, shape, blocksize):
     assert torch.equal(state.state2.code, ref_state.state2.code)
     # Decoding is bit-exact: our dequantisation of bitsandbytes' own state equals its output.
     ref_out = _bnb_dequantize(bnbf, ref_packed, ref_state)
-    assert torch.equal(dequantize_nf4(ref_packed, _from_bnb_state(ref_state)), ref_out)
+    for fast in (True, False):
+        assert torch.equal(dequantize_nf4(ref_packed, _from_bnb_state(ref_state), fast=fast), ref_out)
 
     # The 8-bit codes of the constants: bitsandbytes' CPU kernel finds them with an approximate
     # lookup-table search, so a few per thousand are not the nearest level; ours always are.

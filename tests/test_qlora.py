@@ -59,10 +59,9 @@ def test_config_defaults_follow_transformers_names():
     [
         ({"load_in_4bit": False}, "load_in_4bit must be True"),
         ({"bnb_4bit_quant_type": "int4"}, r"bnb_4bit_quant_type must be one of \('nf4', 'fp4'\)"),
-        ({"bnb_4bit_use_double_quant": "yes"}, "bnb_4bit_use_double_quant must be True or False"),
         ({"bnb_4bit_compute_dtype": torch.float64}, "bnb_4bit_compute_dtype must be torch.float32"),
         ({"bnb_4bit_compute_dtype": "int8"}, "bnb_4bit_compute_dtype must be"),
-        ({"llm_int8_skip_modules": "lm_head"}, "llm_int8_skip_modules must be None or a list"),
+        ({"llm_int8_skip_modules": ["lm_head", ""]}, "llm_int8_skip_modules must be None or a list"),
         ({"blocksize": 48}, "blocksize must be a power of two"),
         ({"backend": "cuda"}, r"backend must be one of \('bitsandbytes', 'torch'\)"),
         ({"backend": "torch", "bnb_4bit_quant_type": "fp4"}, "implements only"),
@@ -71,6 +70,25 @@ def test_config_defaults_follow_transformers_names():
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         QuantizationConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"load_in_4bit": 1}, "load_in_4bit must be True or False"),
+        ({"bnb_4bit_use_double_quant": "yes"}, "bnb_4bit_use_double_quant must be True or False"),
+        ({"bnb_4bit_compute_dtype": 16}, "bnb_4bit_compute_dtype must be torch.float32"),
+        ({"llm_int8_skip_modules": "lm_head"}, "llm_int8_skip_modules must be None or a list"),
+        ({"blocksize": 64.0}, "blocksize must be a power of two"),
+    ],
+)
+def test_config_rejects_wrong_types(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        QuantizationConfig(**kwargs)
+
+
+def test_config_keeps_skip_modules_as_a_list():
+    assert QuantizationConfig(llm_int8_skip_modules=("lm_head",)).llm_int8_skip_modules == ["lm_head"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,6 +139,8 @@ def test_nf4linear_compute_dtype_and_output_dtype():
 def test_nf4linear_bad_input():
     with pytest.raises(ValueError, match="weight must be a 2-D"):
         NF4Linear(torch.randn(64))
+    with pytest.raises(TypeError, match="weight must be a 2-D .* got list"):
+        NF4Linear([[0.0] * 64])
     with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
         NF4Linear(torch.randn(4, 64), torch.randn(5))
     with pytest.raises(TypeError, match="linear must be an nn.Linear"):
@@ -247,7 +267,7 @@ def test_prepare_for_training_upcasts_norms_and_enables_checkpointing():
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     out.sum().backward()
     assert qlora.model.blocks[0].attn.q_proj.lora.lora_A.grad is not None
-    with pytest.raises(ValueError, match="gradient_checkpointing must be True or False"):
+    with pytest.raises(TypeError, match="gradient_checkpointing must be True or False"):
         qlora.prepare_for_training(gradient_checkpointing="yes")
     plain = QLoRAModel(nn.Sequential(nn.Linear(64, 64)),
                        QuantizationConfig(backend="torch"), LoRAConfig(target_modules=["0"]))
@@ -280,6 +300,42 @@ def test_memory_footprint_is_measured_by_kind(backend):
     assert "4-bit weights" in str(fp) and "total" in str(fp)
 
 
+def test_qlora_model_describes_itself():
+    qcfg = QuantizationConfig(backend="torch", bnb_4bit_use_double_quant=True)
+    model = QLoRAModel(small_model(), qcfg, LoRAConfig(r=4))
+    assert model.config is model.model.config
+    text = repr(model)
+    assert "backend=torch, quant_type=nf4, double_quant=True" in text
+    assert f"quantized={6 * SMALL.n_layer} layers, lora={2 * SMALL.n_layer} layers" in text
+    q = model.model.blocks[0].attn.q_proj.base_layer
+    assert q.double_quant and "blocksize=64, double_quant=True" in repr(q)
+    assert QLoRAModel(nn.Sequential(nn.Linear(64, 8), nn.ReLU()), QuantizationConfig(backend="torch"),
+                      LoRAConfig(target_modules=["0"])).config is None
+
+
+def test_bitsandbytes_backend_needs_bitsandbytes(monkeypatch):
+    from course_lib.model import qlora
+
+    monkeypatch.setattr(qlora, "bitsandbytes_available", lambda: False)
+    assert QuantizationConfig().backend == "torch"
+    with pytest.raises(ValueError, match="needs the bitsandbytes package"):
+        QuantizationConfig(backend="bitsandbytes")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quantize_model_keeps_the_bias(backend):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        expected = model(x)
+    quantize_model(model, QuantizationConfig(backend=backend, llm_int8_skip_modules=[]))
+    assert type(model[0]) is not nn.Linear and model[0].bias is not None
+    assert not model[0].bias.requires_grad
+    with torch.no_grad():
+        assert ((model(x) - expected).norm() / expected.norm()).item() < 0.2
+
+
 def test_trainable_parameters_summary_counts_quantised_weights():
     model = QLoRAModel(small_model(), QuantizationConfig(backend="torch"), LoRAConfig(r=4))
     s = model.trainable_parameters_summary()
@@ -290,6 +346,8 @@ def test_trainable_parameters_summary_counts_quantised_weights():
 def test_qlora_model_bad_input():
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         QLoRAModel(None)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        memory_footprint("model")
     with pytest.raises(TypeError, match="quantization_config must be a QuantizationConfig"):
         QLoRAModel(small_model(), "nf4")
     with pytest.raises(TypeError, match="lora_config must be a LoRAConfig"):

@@ -8,18 +8,15 @@ QLoRA = 4-bit NormalFloat base weights + LoRA in 16/32 bit + paged optimisers::
 
 1. **Quantise** every ``nn.Linear`` of the base model to 4 bits, except the modules named in
    ``QuantizationConfig.llm_int8_skip_modules`` (by default the output head, as transformers
-   does), with one of two backends:
-
-   - ``"bitsandbytes"``: ``bitsandbytes.nn.Linear4bit`` (the layer QLoRA uses in practice);
-   - ``"torch"``: the course's :class:`NF4Linear`, built on ``course_lib.model.nf4`` (pure
-     PyTorch, bit-identical NF4 codes).
-
-2. **Add LoRA**: wrap the ``LoRAConfig.target_modules`` layers in
+   does), with ``bitsandbytes.nn.Linear4bit`` (backend ``"bitsandbytes"``, the layer QLoRA uses
+   in practice) or the course's :class:`NF4Linear` (``"torch"``: pure PyTorch on
+   ``course_lib.model.nf4``, bit-identical NF4 codes).
+2. **Add LoRA**: walk the named modules and wrap each ``LoRAConfig.target_modules`` layer in
    ``course_lib.model.lora.LinearWithLoRA``.
 
 :meth:`QLoRAModel.prepare_for_training` freezes everything but LoRA, keeps the norms (and every
 other layer that is not quantised) in fp32, and can turn on gradient checkpointing.
-:meth:`QLoRAModel.memory_footprint` measures the bytes of every tensor by kind.
+:func:`memory_footprint` sorts the measured bytes of the model's tensors by kind.
 
 The configuration uses transformers' ``BitsAndBytesConfig`` field names, so the same settings
 work unchanged with ``AutoModelForCausalLM.from_pretrained(..., quantization_config=...)``.
@@ -29,8 +26,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,47 +37,117 @@ from course_lib.model.lora import (
     LinearWithLoRA,
     LoRAConfig,
     LoRALayer,
-    TrainableSummary,
     apply_lora,
     mark_only_lora_as_trainable,
 )
+from course_lib.model.targets import matches, output_head_names
+from course_lib.utils.memory import (
+    quantization_constant_bytes,
+    quantization_constant_tensors,
+    storage_key,
+    unique_storage_bytes,
+    weight_bytes,
+)
+from course_lib.utils.params import TrainableSummary, trainable_parameters_summary
+from course_lib.utils.units import MiB
+from course_lib.validation import check_bool, check_choice
 
 __all__ = [
-    "QuantizationConfig",
-    "NF4Linear",
-    "QLoRAModel",
-    "MemoryFootprint",
-    "quantize_model",
-    "memory_footprint",
-    "bitsandbytes_available",
-    "BACKENDS",
-    "QUANT_TYPES",
+    "QuantizationConfig", "NF4Linear", "QLoRAModel", "MemoryFootprint", "quantize_model",
+    "memory_footprint", "bitsandbytes_available", "BACKENDS", "QUANT_TYPES",
 ]
 
 BACKENDS = ("bitsandbytes", "torch")
 QUANT_TYPES = ("nf4", "fp4")
-_COMPUTE_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
 
 
-def bitsandbytes_available() -> bool:
-    """Whether ``bitsandbytes`` is installed (it is not imported here)."""
-    return importlib.util.find_spec("bitsandbytes") is not None
+class QLoRAModel(nn.Module):
+    """A base model quantised to 4 bits (step 1) with LoRA adapters on its targets (step 2).
 
+    ``QLoRAModel(model, quantization_config, lora_config)`` changes ``model`` in place (as
+    PEFT's ``get_peft_model`` does) and wraps it; ``forward`` calls ``model``. Afterwards only
+    the LoRA parameters are trainable. Call :meth:`prepare_for_training` before training.
+    """
 
-def _bnb():
-    # Importing course_lib first installs its filter for bitsandbytes' hub-kernel warning.
-    import course_lib  # noqa: F401, I001
-    import bitsandbytes as bnb
+    def __init__(
+        self,
+        model: nn.Module,
+        quantization_config: QuantizationConfig | None = None,
+        lora_config: LoRAConfig | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        quantization_config = quantization_config or QuantizationConfig()
+        lora_config = lora_config or LoRAConfig()
+        if not isinstance(lora_config, LoRAConfig):
+            raise TypeError(f"lora_config must be a LoRAConfig, got {lora_config!r}")
+        self.quantization_config = quantization_config
+        self.lora_config = lora_config
+        # Step 1: quantise the base model's linear layers to 4 bits (the output head stays).
+        self.quantized_modules = quantize_model(model, quantization_config)
+        # Step 2: walk the named modules and wrap each targeted linear layer, 4-bit or kept in
+        # full precision, in LinearWithLoRA (apply_lora replaces it in its parent module).
+        linear_types = (*_quantized_types(quantization_config.backend), nn.Linear)
+        apply_lora(model, lora_config, layer_types=linear_types)
+        self.model = model
 
-    return bnb
+    def prepare_for_training(self, gradient_checkpointing: bool = False) -> QLoRAModel:
+        """Get ready to train; returns ``self`` in training mode.
+
+        Every parameter except ``lora_A`` / ``lora_B`` is frozen. The layers that are not
+        quantised (norms, embeddings, a skipped output head) are cast from fp16/bf16 to fp32:
+        norms in low precision are a known source of instability, and their memory is negligible
+        next to the 4-bit weights. ``gradient_checkpointing=True`` calls the model's
+        ``gradient_checkpointing_enable()`` (activations are recomputed in backward).
+        """
+        check_bool("gradient_checkpointing", gradient_checkpointing)
+        mark_only_lora_as_trainable(self.model)
+        quantized = _quantized_types(self.quantization_config.backend)
+        for module in self.model.modules():
+            if isinstance(module, (*quantized, LoRALayer)):
+                continue
+            for p in module.parameters(recurse=False):
+                if p.dtype in (torch.float16, torch.bfloat16):
+                    p.data = p.data.float()
+        if gradient_checkpointing:
+            enable = getattr(self.model, "gradient_checkpointing_enable", None)
+            if not callable(enable):
+                raise ValueError(
+                    f"gradient_checkpointing=True needs a model with a "
+                    f"gradient_checkpointing_enable() method; {type(self.model).__name__} has none"
+                )
+            enable()
+        self.train()
+        return self
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    @property
+    def config(self):
+        """The wrapped model's ``config`` (if any), e.g. for its ``block_size``."""
+        return getattr(self.model, "config", None)
+
+    def lora_modules(self) -> list[str]:
+        """Names (inside ``model``) of the layers that carry a LoRA adapter."""
+        return [n for n, m in self.model.named_modules() if isinstance(m, LinearWithLoRA)]
+
+    def memory_footprint(self) -> MemoryFootprint:
+        """Bytes of the model's tensors by kind, measured (see :func:`memory_footprint`)."""
+        return memory_footprint(self.model)
+
+    def trainable_parameters_summary(self) -> TrainableSummary:
+        """Trainable vs all parameters (a 4-bit layer counts the out x in weights it stands for)."""
+        return trainable_parameters_summary(self.model)
+
+    def extra_repr(self) -> str:
+        qc = self.quantization_config
+        return (
+            f"backend={qc.backend}, quant_type={qc.bnb_4bit_quant_type}, "
+            f"double_quant={qc.bnb_4bit_use_double_quant}, compute_dtype={qc.compute_dtype}, "
+            f"quantized={len(self.quantized_modules)} layers, lora={len(self.lora_modules())} layers"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,34 +166,20 @@ class QuantizationConfig:
     backend: str | None = None  # "bitsandbytes" (default when installed) or "torch" (NF4Linear)
 
     def __post_init__(self) -> None:
-        if self.load_in_4bit is not True:
+        if check_bool("load_in_4bit", self.load_in_4bit) is not True:
             raise ValueError(
-                f"load_in_4bit must be True: QLoRAModel quantises the base model to 4 bits "
-                f"(got {self.load_in_4bit!r}; for plain LoRA use course_lib.model.lora.apply_lora)"
+                "load_in_4bit must be True: QLoRAModel quantises the base model to 4 bits "
+                "(got False; for plain LoRA use course_lib.model.lora.apply_lora)"
             )
-        if self.bnb_4bit_quant_type not in QUANT_TYPES:
-            raise ValueError(
-                f"bnb_4bit_quant_type must be one of {QUANT_TYPES}, got {self.bnb_4bit_quant_type!r}"
-            )
-        if not isinstance(self.bnb_4bit_use_double_quant, bool):
-            raise ValueError(
-                f"bnb_4bit_use_double_quant must be True or False, "
-                f"got {self.bnb_4bit_use_double_quant!r}"
-            )
+        check_choice("bnb_4bit_quant_type", self.bnb_4bit_quant_type, QUANT_TYPES)
+        check_bool("bnb_4bit_use_double_quant", self.bnb_4bit_use_double_quant)
         self.bnb_4bit_compute_dtype = _compute_dtype(self.bnb_4bit_compute_dtype)
         if self.llm_int8_skip_modules is not None:
-            skip = self.llm_int8_skip_modules
-            if isinstance(skip, str) or not all(isinstance(s, str) and s for s in skip):
-                raise ValueError(
-                    f"llm_int8_skip_modules must be None or a list of module names "
-                    f"(e.g. ['lm_head']), got {skip!r}"
-                )
-            self.llm_int8_skip_modules = list(skip)
+            self.llm_int8_skip_modules = _module_names(self.llm_int8_skip_modules)
         nf4.check_blocksize(self.blocksize)
         if self.backend is None:
             self.backend = "bitsandbytes" if bitsandbytes_available() else "torch"
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        check_choice("backend", self.backend, BACKENDS)
         if self.backend == "bitsandbytes" and not bitsandbytes_available():
             raise ValueError(
                 "backend='bitsandbytes' needs the bitsandbytes package, which is not installed; "
@@ -144,15 +196,34 @@ class QuantizationConfig:
         return self.bnb_4bit_compute_dtype  # type: ignore[return-value]
 
 
+_COMPUTE_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
 def _compute_dtype(value: object) -> torch.dtype:
+    allowed = (
+        f"torch.float32, torch.bfloat16 or torch.float16 (or one of the strings "
+        f"{sorted(_COMPUTE_DTYPES)})"
+    )
+    if not isinstance(value, (str, torch.dtype)):
+        raise TypeError(f"bnb_4bit_compute_dtype must be {allowed}, got {value!r}")
     if isinstance(value, str) and value.removeprefix("torch.") in _COMPUTE_DTYPES:
         return _COMPUTE_DTYPES[value.removeprefix("torch.")]
     if value in (torch.float32, torch.float16, torch.bfloat16):
         return value  # type: ignore[return-value]
-    raise ValueError(
-        f"bnb_4bit_compute_dtype must be torch.float32, torch.bfloat16 or torch.float16 "
-        f"(or one of the strings {sorted(_COMPUTE_DTYPES)}), got {value!r}"
-    )
+    raise ValueError(f"bnb_4bit_compute_dtype must be {allowed}, got {value!r}")
+
+
+def _module_names(names: object) -> list[str]:
+    allowed = "None or a list of module names (e.g. ['lm_head'])"
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise TypeError(f"llm_int8_skip_modules must be {allowed}, got {names!r}")
+    if not all(isinstance(name, str) and name for name in names):
+        raise ValueError(f"llm_int8_skip_modules must be {allowed}, got {names!r}")
+    return list(names)
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,18 +266,15 @@ class NF4Linear(nn.Module):
     """
 
     def __init__(
-        self,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None = None,
-        *,
-        blocksize: int = 64,
-        double_quant: bool = False,
-        compute_dtype: torch.dtype | str = torch.float32,
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, blocksize: int = 64,
+        double_quant: bool = False, compute_dtype: torch.dtype | str = torch.float32,
     ) -> None:
         super().__init__()
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight)
-            raise ValueError(f"weight must be a 2-D (out_features, in_features) tensor, got {shape}")
+        what = "weight must be a 2-D (out_features, in_features) tensor, got"
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"{what} {type(weight).__name__}")
+        if weight.dim() != 2:
+            raise ValueError(f"{what} {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(
@@ -228,10 +296,7 @@ class NF4Linear(nn.Module):
 
     @classmethod
     def from_linear(
-        cls,
-        linear: nn.Linear,
-        blocksize: int = 64,
-        double_quant: bool = False,
+        cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = False,
         compute_dtype: torch.dtype | str = torch.float32,
     ) -> NF4Linear:
         """Quantise an ``nn.Linear`` (its weight and bias are copied, the original is untouched)."""
@@ -255,13 +320,10 @@ class NF4Linear(nn.Module):
                 absmax=self.weight_absmax2, code=nf4.dynamic_map(self.weight.device),
                 blocksize=nf4.DQ_BLOCKSIZE,
             )
+        shape = torch.Size((self.out_features, self.in_features))
         return nf4.NF4State(
-            absmax=self.weight_absmax,
-            shape=torch.Size((self.out_features, self.in_features)),
-            dtype=self.weight_dtype,
-            blocksize=self.blocksize,
-            offset=self.weight_offset,
-            state2=state2,
+            absmax=self.weight_absmax, shape=shape, dtype=self.weight_dtype,
+            blocksize=self.blocksize, offset=self.weight_offset, state2=state2,
         )
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -291,56 +353,6 @@ class NF4Linear(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Step 1: quantise the base model
 # --------------------------------------------------------------------------------------------
-def _matches(name: str, patterns: list[str]) -> bool:
-    return any(name == p or name.endswith("." + p) for p in patterns)
-
-
-def _output_head_names(model: nn.Module) -> set[str]:
-    heads = {name for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "lm_head"}
-    get_head = getattr(model, "get_output_embeddings", None)
-    if callable(get_head) and get_head() is not None:
-        head = get_head()
-        heads |= {name for name, m in model.named_modules() if m is head}
-    return heads
-
-
-def _quantized_types(backend: str) -> tuple[type, ...]:
-    if backend == "torch":
-        return (NF4Linear,)
-    return (_bnb().nn.Linear4bit,)
-
-
-def _to_linear4bit(linear: nn.Linear, config: QuantizationConfig) -> nn.Module:
-    bnb = _bnb()
-    layer = bnb.nn.Linear4bit(
-        linear.in_features,
-        linear.out_features,
-        bias=linear.bias is not None,
-        compute_dtype=config.compute_dtype,
-        compress_statistics=config.bnb_4bit_use_double_quant,
-        quant_type=config.bnb_4bit_quant_type,
-        device="meta",  # no throw-away random weight; the real one is assigned below
-    )
-    weight = bnb.nn.Params4bit(
-        linear.weight.detach().clone(),
-        requires_grad=False,
-        blocksize=config.blocksize,
-        compress_statistics=config.bnb_4bit_use_double_quant,
-        quant_type=config.bnb_4bit_quant_type,
-        module=layer,
-    )
-    device = linear.weight.device
-    # On CPU bitsandbytes quantises when asked explicitly; on a GPU moving the weight does it.
-    layer.weight = weight._quantize(device) if device.type == "cpu" else weight.to(device)
-    if linear.bias is not None:
-        layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-    # On CPUs with AVX512-BF16, bitsandbytes repacks the weight in place on the first forward in
-    # eval mode (bf16 scales, a bf16 kernel): outputs would then depend on the CPU and the layer
-    # could not go back to training. Keep the portable fp32 path everywhere.
-    layer.support_avx512bf16_for_cpu = False
-    return layer
-
-
 def quantize_model(model: nn.Module, config: QuantizationConfig | None = None) -> list[str]:
     """Step 1 of QLoRA: replace the model's ``nn.Linear`` layers by 4-bit ones, in place.
 
@@ -361,14 +373,11 @@ def quantize_model(model: nn.Module, config: QuantizationConfig | None = None) -
         )
     quantized_types = _quantized_types(config.backend)
     skip = config.llm_int8_skip_modules
-    skipped = _output_head_names(model) if skip is None else set()
+    skipped = output_head_names(model) if skip is None else set()
     names = [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear)
-        and not isinstance(m, quantized_types)
-        and name not in skipped
-        and not (skip and _matches(name, skip))
+        name for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not isinstance(m, quantized_types)
+        and name not in skipped and not (skip and matches(name, skip))
     ]
     if not names:
         raise ValueError(
@@ -377,16 +386,64 @@ def quantize_model(model: nn.Module, config: QuantizationConfig | None = None) -
         )
     for name in names:
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, child)
+        linear = model.get_submodule(name)
         if config.backend == "torch":
             new = NF4Linear.from_linear(
                 linear, config.blocksize, config.bnb_4bit_use_double_quant, config.compute_dtype
             )
         else:
             new = _to_linear4bit(linear, config)
-        setattr(parent, child, new)
+        setattr(model.get_submodule(parent_name), child, new)
     return names
+
+
+def bitsandbytes_available() -> bool:
+    """Whether ``bitsandbytes`` is installed (it is not imported here)."""
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def _bnb():
+    # Importing course_lib first installs its filter for bitsandbytes' hub-kernel warning.
+    import course_lib  # noqa: F401, I001
+    import bitsandbytes as bnb
+
+    return bnb
+
+
+def _quantized_types(backend: str | None = None) -> tuple[type, ...]:
+    """The 4-bit layer class of ``backend``; ``None``: every 4-bit class that can exist now."""
+    if backend == "torch":
+        return (NF4Linear,)
+    if backend == "bitsandbytes":
+        return (_bnb().nn.Linear4bit,)
+    bnb = sys.modules.get("bitsandbytes")  # a bitsandbytes layer exists only once it is imported
+    return (NF4Linear,) if bnb is None else (NF4Linear, bnb.nn.Linear4bit)
+
+
+def _to_linear4bit(linear: nn.Linear, config: QuantizationConfig) -> nn.Module:
+    bnb = _bnb()
+    quant = dict(
+        compress_statistics=config.bnb_4bit_use_double_quant, quant_type=config.bnb_4bit_quant_type
+    )
+    layer = bnb.nn.Linear4bit(
+        linear.in_features, linear.out_features, bias=linear.bias is not None,
+        compute_dtype=config.compute_dtype, **quant,
+        device="meta",  # no throw-away random weight; the real one is assigned below
+    )
+    weight = bnb.nn.Params4bit(
+        linear.weight.detach().clone(), requires_grad=False, blocksize=config.blocksize,
+        module=layer, **quant,
+    )
+    device = linear.weight.device
+    # On CPU bitsandbytes quantises when asked explicitly; on a GPU moving the weight does it.
+    layer.weight = weight._quantize(device) if device.type == "cpu" else weight.to(device)
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    # On CPUs with AVX512-BF16, bitsandbytes repacks the weight in place on the first forward in
+    # eval mode (bf16 scales, a bf16 kernel): outputs would then depend on the CPU and the layer
+    # could not go back to training. Keep the portable fp32 path everywhere.
+    layer.support_avx512bf16_for_cpu = False
+    return layer
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,7 +457,6 @@ class MemoryFootprint:
     quant_constants: int = 0  # absmax (fp32 or 8-bit), offsets, second-level absmax, code tables
     lora: int = 0  # lora_A and lora_B
     other: int = 0  # embeddings, norms, layers kept in full precision, biases
-    detail: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def total(self) -> int:
@@ -408,182 +464,37 @@ class MemoryFootprint:
 
     def as_dict(self) -> dict[str, int]:
         return {
-            "4-bit weights": self.weights_4bit,
-            "quantisation constants": self.quant_constants,
-            "LoRA parameters": self.lora,
-            "other": self.other,
-            "total": self.total,
+            "4-bit weights": self.weights_4bit, "quantisation constants": self.quant_constants,
+            "LoRA parameters": self.lora, "other": self.other, "total": self.total,
         }
 
     def __str__(self) -> str:
         rows = [f"{'kind':<24}{'bytes':>14}{'MiB':>10}"]
         for kind, nbytes in self.as_dict().items():
-            rows.append(f"{kind:<24}{nbytes:>14,d}{nbytes / 2**20:>10.3f}")
+            rows.append(f"{kind:<24}{nbytes:>14,d}{nbytes / MiB:>10.3f}")
         return "\n".join(rows)
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def _bnb_constants(weight: torch.Tensor) -> Iterator[torch.Tensor]:
-    qs = getattr(weight, "quant_state", None)
-    if qs is None:
-        return
-    yield from (t for t in (qs.absmax, qs.code, qs.offset) if isinstance(t, torch.Tensor))
-    if qs.state2 is not None:
-        yield from (t for t in (qs.state2.absmax, qs.state2.code) if isinstance(t, torch.Tensor))
-
-
 def memory_footprint(model: nn.Module) -> MemoryFootprint:
-    """Measure the bytes of ``model``'s parameters and buffers, by kind.
+    """Measure the bytes of ``model``'s parameters and buffers, by kind, each storage once.
 
-    Works for any model: a plain fp32 model has only ``other``; a LoRA model ``lora`` +
-    ``other``; a QLoRA model all four kinds. bitsandbytes layers also hold their quantisation
-    constants (and per-layer copies of their code tables) in ``weight.quant_state``; these are
-    counted as quantisation constants. Tensors that share storage are counted once.
+    The numbers are ``course_lib.utils.memory``'s (those ``measure_training_step`` reports):
+    ``quant_constants`` is its ``quantization_constant_bytes`` (absmax, offsets, nested absmax,
+    the code tables bitsandbytes keeps per layer), and its ``weight_bytes`` of the other tensors
+    are split into the 4-bit layers' packed codes, the LoRA parameters and the rest. A plain
+    model has only ``other``; a LoRA model ``lora`` + ``other``; a QLoRA model all four kinds.
     """
-    seen: set[tuple[int, int]] = set()
-    totals = {"weights_4bit": 0, "quant_constants": 0, "lora": 0, "other": 0}
-
-    def add(kind: str, t: torch.Tensor | None) -> None:
-        if t is None:
-            return
-        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else (id(t), 0)
-        if key in seen:
-            return
-        seen.add(key)
-        totals[kind] += _nbytes(t)
-
-    # A bitsandbytes layer can only exist if bitsandbytes was imported: don't import it here.
-    bnb = sys.modules.get("bitsandbytes")
-    bnb_types = (bnb.nn.Linear4bit,) if bnb is not None else ()
-    for module in model.modules():
-        if isinstance(module, NF4Linear):
-            add("weights_4bit", module.weight)
-            for name in ("weight_absmax", "weight_offset", "weight_absmax2"):
-                add("quant_constants", getattr(module, name))
-        elif bnb_types and isinstance(module, bnb_types):
-            add("weights_4bit", module.weight)
-            for t in _bnb_constants(module.weight):
-                add("quant_constants", t)
-        elif isinstance(module, LoRALayer):
-            for p in module.parameters(recurse=False):
-                add("lora", p)
-    for t in [*model.parameters(), *model.buffers()]:
-        add("other", t)  # everything not counted above
-    return MemoryFootprint(**totals)
-
-
-# --------------------------------------------------------------------------------------------
-# The model
-# --------------------------------------------------------------------------------------------
-class QLoRAModel(nn.Module):
-    """A base model quantised to 4 bits (step 1) with LoRA adapters on its targets (step 2).
-
-    ``QLoRAModel(model, quantization_config, lora_config)`` changes ``model`` in place (as
-    PEFT's ``get_peft_model`` does) and wraps it; ``forward`` calls ``model``. Afterwards only
-    the LoRA parameters are trainable. Call :meth:`prepare_for_training` before training.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        quantization_config: QuantizationConfig | None = None,
-        lora_config: LoRAConfig | None = None,
-    ) -> None:
-        super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        quantization_config = quantization_config or QuantizationConfig()
-        lora_config = lora_config or LoRAConfig()
-        if not isinstance(quantization_config, QuantizationConfig):
-            raise TypeError(
-                f"quantization_config must be a QuantizationConfig, got {quantization_config!r}"
-            )
-        if not isinstance(lora_config, LoRAConfig):
-            raise TypeError(f"lora_config must be a LoRAConfig, got {lora_config!r}")
-        self.quantization_config = quantization_config
-        self.lora_config = lora_config
-        # Step 1: quantise the base model's linear layers to 4 bits.
-        self.quantized_modules = quantize_model(model, quantization_config)
-        # Step 2: wrap the target layers (quantised or kept in full precision) with LoRA.
-        quantized_type = NF4Linear if quantization_config.backend == "torch" else _bnb().nn.Linear4bit
-        apply_lora(model, lora_config, layer_types=(quantized_type, nn.Linear))
-        self.model = model
-
-    @property
-    def config(self):
-        """The wrapped model's ``config`` (if any), e.g. for its ``block_size``."""
-        return getattr(self.model, "config", None)
-
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
-
-    def lora_modules(self) -> list[str]:
-        """Names (inside ``model``) of the layers that carry a LoRA adapter."""
-        return [n for n, m in self.model.named_modules() if isinstance(m, LinearWithLoRA)]
-
-    def prepare_for_training(self, gradient_checkpointing: bool = False) -> QLoRAModel:
-        """Get ready to train: only LoRA trains, full-precision layers in fp32, optional checkpointing.
-
-        - every parameter except ``lora_A`` / ``lora_B`` is frozen;
-        - the layers that are not quantised (norms, embeddings, a skipped output head) are cast
-          from fp16/bf16 to fp32: norms in low precision are a known source of instability, and
-          their memory is negligible next to the 4-bit weights;
-        - ``gradient_checkpointing=True`` calls the model's ``gradient_checkpointing_enable()``
-          (activations are recomputed in backward instead of stored).
-
-        Returns ``self`` in training mode.
-        """
-        if not isinstance(gradient_checkpointing, bool):
-            raise ValueError(
-                f"gradient_checkpointing must be True or False, got {gradient_checkpointing!r}"
-            )
-        mark_only_lora_as_trainable(self.model)
-        quantized = _quantized_types(self.quantization_config.backend)
-        for module in self.model.modules():
-            if isinstance(module, (*quantized, LoRALayer)):
-                continue
-            for p in module.parameters(recurse=False):
-                if p.dtype in (torch.float16, torch.bfloat16):
-                    p.data = p.data.float()
-        if gradient_checkpointing:
-            enable = getattr(self.model, "gradient_checkpointing_enable", None)
-            if not callable(enable):
-                raise ValueError(
-                    f"gradient_checkpointing=True needs a model with a "
-                    f"gradient_checkpointing_enable() method; {type(self.model).__name__} has none"
-                )
-            enable()
-        self.train()
-        return self
-
-    def memory_footprint(self) -> MemoryFootprint:
-        """Bytes of the model's tensors by kind, measured (see :func:`memory_footprint`)."""
-        return memory_footprint(self.model)
-
-    def trainable_parameters_summary(self) -> TrainableSummary:
-        """Trainable vs all parameters; ``print()`` it for PEFT's one-line format.
-
-        A quantised layer counts ``out_features * in_features`` parameters (the weights it
-        represents), whichever way its backend stores the packed codes.
-        """
-        quantized = _quantized_types(self.quantization_config.backend)
-        total = trainable = 0
-        for module in self.model.modules():
-            own = list(module.parameters(recurse=False))
-            trainable += sum(p.numel() for p in own if p.requires_grad)
-            if isinstance(module, quantized):
-                total += module.out_features * module.in_features
-                own = [p for p in own if p is not module.weight]
-            total += sum(p.numel() for p in own)
-        return TrainableSummary(trainable=trainable, total=total)
-
-    def extra_repr(self) -> str:
-        qc = self.quantization_config
-        return (
-            f"backend={qc.backend}, quant_type={qc.bnb_4bit_quant_type}, "
-            f"double_quant={qc.bnb_4bit_use_double_quant}, compute_dtype={qc.compute_dtype}, "
-            f"quantized={len(self.quantized_modules)} layers, lora={len(self.lora_modules())} layers"
-        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    constants = {storage_key(t) for t in quantization_constant_tensors(model)}
+    quantized = _quantized_types()
+    codes = [m.weight for m in model.modules() if isinstance(m, quantized)]
+    lora = [p for m in model.modules() if isinstance(m, LoRALayer) for p in m.parameters()]
+    weights_4bit = unique_storage_bytes(codes, exclude=constants)
+    lora_bytes = unique_storage_bytes(lora, exclude=constants | {storage_key(t) for t in codes})
+    return MemoryFootprint(
+        weights_4bit=weights_4bit,
+        quant_constants=quantization_constant_bytes(model),
+        lora=lora_bytes,
+        other=sum(weight_bytes(model).values()) - weights_4bit - lora_bytes,
+    )
