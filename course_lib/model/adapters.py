@@ -267,8 +267,8 @@ def load_adapter(
     A model without LoRA layers is first wrapped with :func:`apply_lora` using the saved config;
     a model that already has LoRA layers must have them exactly where the file does, with the
     same r / lora_alpha / use_rslora. A missing file, a module that is missing on either side
-    or a shape mismatch raises an error naming it; nothing is changed unless everything fits.
-    Returns ``model``.
+    or a shape mismatch raises an error naming it, and no weight is copied unless everything
+    fits (a model that had no LoRA layers keeps the freshly initialised ones). Returns ``model``.
     """
     from safetensors.torch import load_file
 

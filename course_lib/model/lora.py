@@ -19,7 +19,7 @@ PEFT's adapter files (:func:`save_adapter` / :func:`load_adapter`) are in
 
 The forward passes here are the plain formulas and the reference. ``LinearWithLoRA`` has one
 switch, ``fused``: when it is on (the default) and :func:`course_lib.kernels.lora.applies`, the
-same sum comes from a fused autograd function that is faster on CPU
+same sum comes from fused autograd nodes that are faster on CPU
 (``benchmarks/bench_lora_layer.py`` prints both).
 """
 
