@@ -995,8 +995,12 @@ def test_rank_above_min_dimension_warns():
 
 
 def test_course_lib_reexports_the_lesson_names():
+    from course_lib.utils import params
+
     assert course_lib.LoRALayer is LoRALayer
     assert course_lib.LinearWithLoRA is LinearWithLoRA
+    assert lora_mod.TrainableSummary is params.TrainableSummary
+    assert trainable_parameters_summary is params.trainable_parameters_summary
     assert set(lora_mod.__all__) >= {
         "LoRALayer", "LinearWithLoRA", "LoRAConfig", "apply_lora", "mark_only_lora_as_trainable",
         "trainable_parameters_summary", "merge_lora", "unmerge_lora", "save_adapter",
