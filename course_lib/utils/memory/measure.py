@@ -27,7 +27,8 @@ Saved activations are measured with :func:`torch.autograd.graph.saved_tensors_ho
 (:class:`SavedTensorsMeter`): every tensor autograd packs for backward is seen once, parameters
 and buffers are excluded. A custom autograd ``Function`` that stashes tensors on ``ctx``
 attributes instead of ``ctx.save_for_backward`` (as bitsandbytes' 4-bit matmul does with its
-weight) is invisible to these hooks. Measured bytes are printed in binary units (MiB, GiB).
+weight) is invisible to these hooks. By the course's convention, measured bytes are printed in
+binary units (``format_bytes(n, "binary")``: MiB, GiB).
 """
 
 from __future__ import annotations
