@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from course_lib.validation import check_choice, non_negative_int, positive_int
+
 __all__ = [
     "CharTokenizer",
     "TOKENIZER",
@@ -144,18 +146,12 @@ class Example:
         return self.prompt + self.answer
 
 
-def _check_task(task: str) -> str:
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    return task
-
-
 def make_example(task: str, a: int, b: int) -> Example:
     """The ``task`` question about operands ``a`` and ``b`` (``0 <= a, b < 1000``)."""
-    _check_task(task)
+    check_choice("task", task, TASKS)
     limit = 10**N_DIGITS
     for name, value in (("a", a), ("b", b)):
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < limit:
+        if non_negative_int(f"operand {name}", value) >= limit:
             raise ValueError(f"operand {name} must be an int in [0, {limit}), got {value!r}")
     sa, sb = f"{a:0{N_DIGITS}d}", f"{b:0{N_DIGITS}d}"
     if task == "addition":
@@ -187,14 +183,6 @@ def _examples(task: str, pairs: torch.Tensor) -> list[Example]:
     return [make_example(task, a, b) for a, b in pairs.tolist()]
 
 
-def _positive(name: str, value: object, allow_zero: bool = False) -> int:
-    low = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        kind = "a non-negative" if allow_zero else "a positive"
-        raise ValueError(f"{name} must be {kind} int, got {value!r}")
-    return value
-
-
 def make_split(
     task: str, n_train: int, n_val: int, seed: int = 0
 ) -> tuple[list[Example], list[Example]]:
@@ -204,9 +192,9 @@ def make_split(
     gives the same examples). Validation examples are the first ``n_val`` pairs of the
     validation pool, so every seed and every task is scored on the same questions.
     """
-    _check_task(task)
-    _positive("n_train", n_train, allow_zero=True)
-    _positive("n_val", n_val, allow_zero=True)
+    check_choice("task", task, TASKS)
+    non_negative_int("n_train", n_train)
+    non_negative_int("n_val", n_val)
     train_pool, val_pool = operand_pools()
     if n_val > len(val_pool):
         raise ValueError(f"n_val must be at most {len(val_pool)}, got {n_val}")
@@ -219,8 +207,8 @@ def make_split(
 
 def sample_examples(task: str, n: int, generator: torch.Generator) -> list[Example]:
     """``n`` examples drawn with replacement from the training pool (for pretraining)."""
-    _check_task(task)
-    _positive("n", n)
+    check_choice("task", task, TASKS)
+    positive_int("n", n)
     train_pool, _ = operand_pools()
     idx = torch.randint(len(train_pool), (n,), generator=generator)
     return _examples(task, train_pool[idx])
@@ -293,7 +281,7 @@ def iterate_batches(
 
     A short last batch of an epoch is skipped, so every batch has ``batch_size`` examples.
     """
-    _positive("batch_size", batch_size)
+    positive_int("batch_size", batch_size)
     if len(examples) < batch_size:
         raise ValueError(
             f"batch_size ({batch_size}) must not exceed the number of examples ({len(examples)})"

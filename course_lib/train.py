@@ -26,6 +26,14 @@ from torch import nn
 
 from course_lib.data import TOKENIZER, Batch, CharTokenizer, Example, iterate_batches
 from course_lib.model.tinygpt import lm_loss
+from course_lib.utils import params
+from course_lib.validation import (
+    check_bool,
+    check_choice,
+    check_number,
+    non_negative_int,
+    positive_int,
+)
 
 __all__ = [
     "TrainConfig",
@@ -65,30 +73,23 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
+            positive_int(f"TrainConfig.{name}", getattr(self, name))
         for name in ("warmup_steps", "eval_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"TrainConfig.{name} must be a non-negative int, got {value!r}")
+            non_negative_int(f"TrainConfig.{name}", getattr(self, name))
         if self.batch_size % self.grad_accum_steps != 0:
             raise ValueError(
                 f"TrainConfig.grad_accum_steps ({self.grad_accum_steps}) must divide "
                 f"batch_size ({self.batch_size})"
             )
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(
-                f"TrainConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}"
-            )
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip!r}")
-        if self.eval_examples is not None and self.eval_examples <= 0:
-            raise ValueError(
-                f"TrainConfig.eval_examples must be a positive int or None, got {self.eval_examples!r}"
-            )
+        positive = {"low": 0.0, "low_inclusive": False}
+        check_number("TrainConfig.lr", self.lr, **positive)
+        check_number("TrainConfig.weight_decay", self.weight_decay, low=0.0)
+        check_choice("TrainConfig.schedule", self.schedule, SCHEDULES)
+        check_number("TrainConfig.min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
+        if self.grad_clip is not None:
+            check_number("TrainConfig.grad_clip", self.grad_clip, **positive, hint="or None")
+        if self.eval_examples is not None:
+            positive_int("TrainConfig.eval_examples", self.eval_examples)
 
     def lr_at(self, step: int) -> float:
         """Learning rate of optimiser step ``step`` (0-based)."""
@@ -153,16 +154,15 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
-    """Number of (trainable, by default) parameter elements of ``model``."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+    """Number of (trainable, by default) parameters of ``model``: the course's one counter,
+    :func:`course_lib.utils.params.count_parameters`, with ``trainable_only=True`` by default."""
+    return params.count_parameters(model, trainable_only)
 
 
 def split_batch(batch: Batch, n: int) -> list[Batch]:
     """Split ``batch`` into ``n`` micro-batches of equal size along the batch dimension."""
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0 or len(batch) % n != 0:
-        raise ValueError(
-            f"n must be a positive int dividing the batch size {len(batch)}, got {n!r}"
-        )
+    if len(batch) % positive_int("n", n) != 0:
+        raise ValueError(f"n must be a positive int dividing the batch size {len(batch)}, got {n!r}")
     size = len(batch) // n
     return [
         Batch(batch.inputs[i : i + size], batch.targets[i : i + size], batch.mask[i : i + size])
@@ -330,6 +330,7 @@ def progress_disabled(progress: bool = True) -> bool:
 
     Checked here explicitly because ``tqdm.auto``'s notebook bar ignores ``TQDM_DISABLE``.
     """
+    check_bool("progress", progress)
     flag = os.environ.get("TQDM_DISABLE", "").strip().lower()
     return not progress or flag not in ("", "0", "false", "no")
 

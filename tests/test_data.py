@@ -65,6 +65,8 @@ def test_examples_of_both_tasks():
         make_example("addition", 1000, 2)
     with pytest.raises(ValueError, match="operand b"):
         make_example("addition", 1, -1)
+    with pytest.raises(TypeError, match="operand a must be a non-negative int"):
+        make_example("addition", 1.0, 2)
 
 
 def test_operand_pools_partition_all_pairs():
@@ -107,6 +109,14 @@ def test_sampled_examples_come_from_the_training_pool():
     assert not {e.prompt for e in sample} & {e.prompt for e in val}
     again = sample_examples("addition", 500, torch.Generator().manual_seed(0))
     assert sample == again
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        sample_examples("addition", 0, gen)
+    with pytest.raises(ValueError, match="n_train must be a non-negative int"):
+        make_split("addition", -1, 10)
+    with pytest.raises(TypeError, match="n_val must be a non-negative int"):
+        make_split("addition", 10, 2.5)
+    with pytest.raises(ValueError, match=f"n_val must be at most {N_VALIDATION_PAIRS}"):
+        make_split("addition", 10, N_VALIDATION_PAIRS + 1)
 
 
 def test_batch_masks_exactly_the_answer_and_eos_targets():
@@ -138,3 +148,5 @@ def test_iterate_batches_is_seeded_and_covers_each_epoch():
     assert sorted(map(tuple, epoch.tolist())) == sorted(map(tuple, expected.tolist()))
     with pytest.raises(ValueError, match="batch_size"):
         next(iterate_batches(train, 41))
+    with pytest.raises(TypeError, match="batch_size must be a positive int"):
+        next(iterate_batches(train, "10"))

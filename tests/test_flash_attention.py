@@ -17,9 +17,10 @@ from course_lib.utils.flash_attention import (
     attention_hbm_accesses,
     attention_memory_bytes,
     causal_mask,
+    default_backend,
     flash_attention_forward,
     naive_attention,
-    online_softmax,
+    online_softmax_update,
     sdpa_backend_support,
     sdpa_backends,
     sdpa_selected_backend,
@@ -291,36 +292,53 @@ def test_tiled_peak_memory_grows_linearly_and_naive_quadratically():
 
 
 # --------------------------------------------------------------------------------------------
-# online_softmax
+# online_softmax_update
 # --------------------------------------------------------------------------------------------
 
 
-def test_online_softmax_over_a_stream_of_blocks_equals_softmax():
+def test_online_softmax_update_over_a_stream_of_blocks_equals_softmax():
     torch.manual_seed(0)
-    x = torch.randn(3, 50, dtype=torch.float64) * 20
-    values = torch.randn(50, 4, dtype=torch.float64)
-    m = l = None  # noqa: E741
-    out = torch.zeros(3, 4, dtype=torch.float64)
+    x = torch.randn(2, 3, 50, dtype=torch.float64) * 20  # (heads, rows, keys)
+    values = torch.randn(2, 50, 4, dtype=torch.float64)
+    m = torch.full((2, 3), float("-inf"), dtype=torch.float64)
+    ell = torch.zeros(2, 3, dtype=torch.float64)
+    o = torch.zeros(2, 3, 4, dtype=torch.float64)
     for start in range(0, 50, 7):
-        block = x[:, start : start + 7]
-        m, l, p, alpha = online_softmax(block, m, l)  # noqa: E741
-        out = out * alpha.unsqueeze(-1) + p @ values[start : start + 7]
-        torch.testing.assert_close(m, x[:, : start + 7].amax(-1))
-        torch.testing.assert_close(l, torch.exp(x[:, : start + 7] - m.unsqueeze(-1)).sum(-1))
-    torch.testing.assert_close(out / l.unsqueeze(-1), torch.softmax(x, -1) @ values)
-    torch.testing.assert_close(m + torch.log(l), torch.logsumexp(x, -1))
+        m, ell, o = online_softmax_update(m, ell, o, x[..., start : start + 7],
+                                          values[:, start : start + 7])
+        seen = x[..., : start + 7]
+        torch.testing.assert_close(m, seen.amax(-1))
+        torch.testing.assert_close(ell, torch.exp(seen - m.unsqueeze(-1)).sum(-1))
+    torch.testing.assert_close(o / ell.unsqueeze(-1), torch.softmax(x, -1) @ values)
+    torch.testing.assert_close(m + torch.log(ell), torch.logsumexp(x, -1))
 
 
-def test_online_softmax_handles_all_masked_rows_and_overwrite():
+def test_online_softmax_update_keeps_all_masked_rows_at_zero():
     block = torch.tensor([[float("-inf"), float("-inf")], [1.0, 2.0]])
-    m, l, p, alpha = online_softmax(block.clone())  # noqa: E741
-    assert torch.isneginf(m[0]) and l[0] == 0 and torch.equal(p[0], torch.zeros(2))
-    assert not torch.isnan(alpha).any()
-    scores = block.clone()
-    _, _, p2, _ = online_softmax(scores, overwrite_scores=True)
-    assert p2.data_ptr() == scores.data_ptr() and torch.equal(p2, p)
-    with pytest.raises(ValueError, match="m and l must have shape"):
-        online_softmax(block, torch.zeros(3), torch.zeros(3))
+    v = torch.ones(2, 3)
+    m, ell, o = online_softmax_update(torch.full((2,), float("-inf")), torch.zeros(2),
+                                      torch.zeros(2, 3), block, v)
+    assert torch.isneginf(m[0]) and ell[0] == 0 and torch.equal(o[0], torch.zeros(3))
+    assert not any(t.isnan().any() for t in (m, ell, o))
+    # a later block with real scores takes over from -inf without NaN
+    m, ell, o = online_softmax_update(m, ell, o, torch.tensor([[0.0, 0.0], [0.0, 0.0]]), v)
+    torch.testing.assert_close(o[0] / ell[0], torch.ones(3))
+
+
+def test_online_softmax_update_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="m and ell must have shape"):
+        online_softmax_update(torch.zeros(3), torch.zeros(2), torch.zeros(2, 4),
+                              torch.zeros(2, 5), torch.zeros(5, 4))
+
+
+def test_online_softmax_update_dropout_is_applied_after_the_sum():
+    scores, v = torch.zeros(4, 1000), torch.ones(1000, 1)
+    start = (torch.full((4,), float("-inf")), torch.zeros(4), torch.zeros(4, 1))
+    torch.manual_seed(0)
+    m, ell, o = online_softmax_update(*start, scores, v, dropout_p=0.5)
+    assert torch.equal(ell, torch.full((4,), 1000.0))  # every probability counts in ell
+    kept = o.squeeze(-1) / 2.0  # kept entries are scaled by 1 / (1 - p) = 2
+    assert ((kept > 400) & (kept < 600)).all() and not torch.equal(kept, torch.full((4,), 500.0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,9 +415,11 @@ def test_backend_listing_and_support_report():
 @pytest.mark.skipif(CUDA, reason="CPU builds have no memory-efficient kernel")
 def test_unavailable_backend_raises_with_explanation():
     q, k, v = make_qkv(1, 2, 8, 8, 16)
-    with pytest.raises(RuntimeError, match="SDPA backend 'efficient' cannot run") as info:
+    with pytest.raises(fa.SDPAKernelError, match="SDPA backend 'efficient' cannot run") as info:
         flash_attention_forward(q, k, v, backend="efficient")
-    assert "CUDA only" in str(info.value)
+    assert isinstance(info.value, RuntimeError) and info.value.backend == "efficient"
+    assert "exists only for CUDA tensors" in info.value.reason
+    assert "CUDA only" in str(info.value) and "dtype torch.float32" in str(info.value)
 
 
 def test_attention_backend_context_switches_the_default(monkeypatch):
@@ -416,18 +436,57 @@ def test_attention_backend_context_switches_the_default(monkeypatch):
             pass
 
 
-def test_falls_back_to_naive_without_sdpa(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("SDPA must not be called when it is reported missing")
+def test_default_backend_follows_the_context():
+    assert default_backend() == "auto"
+    with attention_backend("naive"):
+        assert default_backend() == "naive"
+        with attention_backend("tiled"):
+            assert default_backend() == "tiled"
+        assert default_backend() == "naive"
+    assert default_backend() == "auto"
 
-    monkeypatch.setattr(fa, "sdpa_available", lambda: False)
-    monkeypatch.setattr(fa.F, "scaled_dot_product_attention", refuse)
+
+def test_step_3_falls_back_to_standard_attention_without_sdpa(monkeypatch):
+    monkeypatch.delattr(F, "scaled_dot_product_attention")
+    assert not fa.sdpa_available()
     q, k, v = make_qkv(1, 2, 9, 12, 16)
     expected, _ = reference(q, k, v, True)
-    torch.testing.assert_close(flash_attention_forward(q, k, v).double(), expected,
-                               atol=1e-5, rtol=1e-5)
-    with pytest.raises(RuntimeError, match="needs F.scaled_dot_product_attention"):
-        flash_attention_forward(q, k, v, backend="math")
+    for backend in ("auto", "math"):
+        with pytest.warns(RuntimeWarning, match="no F.scaled_dot_product_attention.*standard"):
+            out = flash_attention_forward(q, k, v, backend=backend)
+        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(CUDA, reason="on CUDA the memory-efficient kernel accepts these inputs")
+def test_step_3_falls_back_when_no_enabled_kernel_accepts_the_inputs():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = make_qkv(1, 2, 10, 10, 16)
+    expected, _ = reference(q, k, v, True)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):  # CPU builds have no such kernel
+        with pytest.warns(RuntimeWarning, match="no SDPA kernel accepts these inputs"):
+            out = flash_attention_forward(q, k, v)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_running_out_of_memory_is_not_a_reason_to_fall_back(monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(fa.F, "scaled_dot_product_attention", out_of_memory)
+    q, k, v = make_qkv(1, 1, 4, 4, 8)
+    for backend in ("auto", "math"):  # neither a fallback nor an SDPAKernelError
+        with pytest.raises(torch.OutOfMemoryError):
+            flash_attention_forward(q, k, v, backend=backend)
+
+
+@pytest.mark.skipif(CUDA, reason="checks the reason PyTorch's CPU flash kernel gives")
+def test_support_report_quotes_pytorchs_reason_without_printing_it(recwarn):
+    q, k, v = make_qkv(1, 2, 16, 16, 16)
+    support = sdpa_backend_support(q, k, v, dropout_p=0.1)
+    assert support["math"] == "ok"
+    assert "dropout" in support["flash"] and "Triggered internally" not in support["flash"]
+    assert not recwarn.list  # collected, not shown
 
 
 # --------------------------------------------------------------------------------------------
@@ -450,9 +509,11 @@ _Q, _K, _V = make_qkv(1, 2, 4, 4, 8)
         ({"q": _Q.numpy()}, TypeError, "q must be a torch.Tensor"),
         ({"attn_mask": torch.ones(3, 4, dtype=torch.bool)}, ValueError, "does not broadcast"),
         ({"attn_mask": torch.ones(4, 4, dtype=torch.int64)}, TypeError, "attn_mask must be bool"),
-        ({"dropout_p": 1.0}, ValueError, r"dropout_p must be in \[0, 1\)"),
+        ({"dropout_p": 1.0}, ValueError, r"dropout_p must be a number in \[0, 1\)"),
         ({"dropout_p": "0.1"}, TypeError, "dropout_p"),
-        ({"scale": -1.0}, ValueError, "scale must be a positive"),
+        ({"scale": -1.0}, ValueError, "scale must be a number > 0"),
+        ({"scale": "1"}, TypeError, "scale must be a number > 0"),
+        ({"attn_mask": [[True]]}, TypeError, "attn_mask must be a torch.Tensor or None"),
         ({"causal": 1}, TypeError, "causal must be True or False"),
         ({"backend": "fast"}, ValueError, "backend must be one of"),
         ({"q": torch.randn(1, 2, 0, 8)}, ValueError, "empty input"),
@@ -469,10 +530,22 @@ def test_bad_input_is_rejected_with_a_clear_message(kwargs, error, match):
 
 
 @pytest.mark.parametrize("name", ["block_q", "block_k"])
-@pytest.mark.parametrize("value", [0, -4, 2.5, True])
-def test_bad_block_sizes(name, value):
-    with pytest.raises(ValueError, match=f"{name} must be a positive int"):
+@pytest.mark.parametrize("value,error", [(0, ValueError), (-4, ValueError), (2.5, TypeError),
+                                         (True, TypeError)])
+def test_bad_block_sizes(name, value, error):
+    with pytest.raises(error, match=f"{name} must be a positive int"):
         tiled_attention(_Q, _K, _V, **{name: value})
+
+
+def test_bad_flags_and_masks():
+    with pytest.raises(TypeError, match="return_lse must be True or False"):
+        tiled_attention(_Q, _K, _V, return_lse=1)
+    with pytest.raises(TypeError, match="return_lse must be True or False"):
+        naive_attention(_Q, _K, _V, return_lse="yes")
+    with pytest.raises(ValueError, match="q_len must be a positive int"):
+        causal_mask(0, 4)
+    with pytest.raises(ValueError, match="q, k and v must be on one device"):
+        flash_attention_forward(_Q, _K.to("meta"), _V)
 
 
 # --------------------------------------------------------------------------------------------

@@ -448,7 +448,7 @@ def test_llama_7b_fp32_weights_are_about_28_gb():
     est = estimate_memory("llama-7b", "full", weight_dtype="fp32")
     assert 6.7e9 <= est.parameters <= 6.75e9
     assert 26.5 * GB <= est.weights <= 28.5 * GB
-    assert format_bytes(est.weights) == "27.0 GB"
+    assert format_bytes(est.weights, "decimal") == "27.0 GB"
     # AdamW's fp32 moments double it again
     assert est.optimizer_state == pytest.approx(2 * est.weights, rel=1e-6)
 
@@ -540,10 +540,17 @@ def test_lora_target_matching_follows_peft_suffix_rule():
     names = [s.name for s in lora_target_layers("gpt2-124m", ["c_proj"])]
     assert names == ["attn.c_proj", "mlp.c_proj"]
     assert len(lora_target_layers("llama-7b", "all-linear")) == 7
-    with pytest.raises(ValueError, match=r"matched no linear layer.*'q_proj'"):
-        lora_target_layers("llama-7b", ["query"])
-    with pytest.raises(ValueError, match="list of layer names"):
-        lora_target_layers("llama-7b", "q_proj")
+    with pytest.raises(ValueError, match=r"\['query'\]\] matched no linear layer.*'q_proj'"):
+        lora_target_layers("llama-7b", ["query", "q_proj"])
+    # a string is a regular expression over the whole name inside the block, as in PEFT
+    names = [s.name for s in lora_target_layers("llama-7b", r"attn\.(q|v)_proj")]
+    assert names == ["attn.q_proj", "attn.v_proj"]
+    with pytest.raises(ValueError, match="matched no linear layer"):
+        lora_target_layers("llama-7b", "q_proj")  # the full name is attn.q_proj
+    with pytest.raises(ValueError, match="non-empty list of module names"):
+        lora_target_layers("llama-7b", [])
+    with pytest.raises(TypeError, match="lora_targets must be"):
+        lora_target_layers("llama-7b", 5)
 
 
 def test_lora_parameters_counted_per_target_and_rank():
@@ -571,6 +578,22 @@ def test_estimate_rejects_bad_arguments_with_clear_messages():
         estimate_memory("llama-70b")
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         estimate_memory("llama-7b", batch_size=0)
+    with pytest.raises(TypeError, match="batch_size must be a positive int"):
+        estimate_memory("llama-7b", batch_size=2.0)
+    with pytest.raises(TypeError, match="gradient_checkpointing must be True or False"):
+        estimate_memory("llama-7b", gradient_checkpointing=1)
+    with pytest.raises(ValueError, match="compute_dtype must be one of"):
+        estimate_memory("llama-7b", compute_dtype="fp8")
+    with pytest.raises(ValueError, match="lora_dtype must be one of"):
+        estimate_memory("llama-7b", "lora", lora_dtype="int8")
+    with pytest.raises(TypeError, match="lora_rank must be a positive int"):
+        estimate_memory("llama-7b", "lora", lora_rank="8")
+    with pytest.raises(ValueError, match="arch must be one of"):
+        TransformerSpec("x", "bert", 10, 32, 1, 4, 8, 16)
+    with pytest.raises(TypeError, match="dropout must be True or False"):
+        TransformerSpec("x", "llama", 10, 32, 1, 4, 8, 16, dropout=0.1)
+    with pytest.raises(TypeError, match="spec must be a TransformerSpec or a preset name"):
+        estimate_memory(42)
     with pytest.raises(ValueError, match="d_model .* divisible by n_heads"):
         TransformerSpec("x", "llama", 10, 30, 1, 4, 8, 16)
 
@@ -593,6 +616,15 @@ def test_breakdown_helpers():
         "activations", "recompute",
     ]
     assert dtype_name(torch.bfloat16) == "bf16" and dtype_name(torch.int16) == "int16"
-    assert format_bytes(999) == "999 B" and format_bytes(1_234_567) == "1.23 MB"
-    assert format_bytes(783.4e9) == "783 GB"
+    assert format_bytes(999, "decimal") == "999 B"
+    assert format_bytes(1_234_567, "decimal") == "1.23 MB"
+    assert format_bytes(783.4e9, "decimal") == "783 GB"
+    big = MemoryBreakdown(weights=3 * 2**20)
+    assert "3.15 MB" in big.table() and "3.00 MiB" in big.table(units="binary")
+    assert str(big) == big.table()
+    assert big.fits(0.01) and not big.fits(0.003)
+    with pytest.raises(TypeError, match="capacity_gb must be a number"):
+        big.fits("48")
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+        dtype_name("bf16")
     assert preset_names()[0] == "tinygpt" and "llama-65b" in preset_names()

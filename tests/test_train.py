@@ -108,6 +108,10 @@ def test_split_batch_validates_its_argument():
     assert [len(mb) for mb in split_batch(batch, 4)] == [2, 2, 2, 2]
     with pytest.raises(ValueError, match="dividing the batch size 8"):
         split_batch(batch, 3)
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        split_batch(batch, 0)
+    with pytest.raises(TypeError, match="n must be a positive int"):
+        split_batch(batch, 2.0)
     with pytest.raises(ValueError, match="micro_batches must not be empty"):
         accumulate_gradients(tiny_model(), [])
 
@@ -225,6 +229,20 @@ def test_train_config_validates_and_schedules():
         TrainConfig(schedule="linear")
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(steps=0)
+    bad = [
+        ({"steps": 10.0}, TypeError, "TrainConfig.steps must be a positive int"),
+        ({"warmup_steps": -1}, ValueError, "TrainConfig.warmup_steps must be a non-negative int"),
+        ({"lr": 0}, ValueError, "TrainConfig.lr must be a number > 0"),
+        ({"lr": "1e-3"}, TypeError, "TrainConfig.lr must be a number > 0"),
+        ({"weight_decay": -0.1}, ValueError, "TrainConfig.weight_decay must be a number >= 0"),
+        ({"min_lr_ratio": 2.0}, ValueError, r"min_lr_ratio must be a number in \[0, 1\]"),
+        ({"grad_clip": 0.0}, ValueError, r"TrainConfig.grad_clip must be a number > 0 \(or None\)"),
+        ({"eval_examples": 0}, ValueError, "TrainConfig.eval_examples must be a positive int"),
+    ]
+    for kwargs, error, match in bad:
+        with pytest.raises(error, match=match):
+            TrainConfig(**kwargs)
+    assert TrainConfig(grad_clip=None, eval_examples=None).grad_clip is None
     cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
     assert cfg.lr_at(0) == pytest.approx(0.1)
     assert cfg.lr_at(9) == pytest.approx(1.0)

@@ -97,11 +97,13 @@ def test_presets_are_real_shapes_within_the_slider_range():
         assert 64 <= d <= 16384 and 64 <= k <= 16384 and d % 64 == 0 and k % 64 == 0
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"r": 0}, "^r must be a positive int"),
-    ({"d": 10}, r"^d and k must be in \[64, 16384\]"),
-    ({"r": 1000}, r"^r must be in \[1, 512\]"),
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"r": 0}, ValueError, "^r must be a positive int"),
+    ({"r": 8.0}, TypeError, "^r must be a positive int"),
+    ({"d": 10}, ValueError, r"^d must be an int in \[64, 16384\]"),
+    ({"k": 20000}, ValueError, r"^k must be an int in \[64, 16384\]"),
+    ({"r": 1000}, ValueError, r"^r must be an int in \[1, 512\]"),
 ])
-def test_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
         rank_savings_dashboard(interactive=False, **kwargs)

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from course_lib.checks import call_student, expect, passed
-from course_lib.utils.benchmark import format_bytes, peak_memory, torch_threads
+from course_lib.utils.benchmark import peak_memory, torch_threads
 from course_lib.utils.flash_attention import naive_attention
+from course_lib.utils.units import format_bytes
 
 __all__ = ["check_online_softmax_update", "check_tiled_attention"]
 
@@ -318,10 +319,10 @@ def check_tiled_attention(student_fn: Callable[..., Any]) -> None:
         used = peak_memory(lambda: call_student(student_fn, q, k, v, block, False, what=_TILED))
         expect(
             used < full / 8,
-            f"{_TILED} with N={n}, block_size={block} allocated {format_bytes(used)} at its peak; "
-            f"the full N x N score matrix is {format_bytes(full)}, and a tiled version needs "
-            f"well under {format_bytes(full // 8)}. Hold only one (block_size x block_size) tile "
-            "of scores at a time: inside the inner loop, compute s for one query block against "
+            f"{_TILED} with N={n}, block_size={block} allocated {format_bytes(used, 'binary')} "
+            f"at its peak; the full N x N score matrix is {format_bytes(full, 'binary')}, and a "
+            f"tiled version needs well under {format_bytes(full // 8, 'binary')}. Hold only one "
+            "(block_size x block_size) tile of scores at a time: inside the inner loop, compute s for one query block against "
             "one key block (not against all keys) and fold it in with online_softmax_update.",
         )
 

@@ -16,9 +16,10 @@ PEFT so that ``target_modules=["q_proj", "v_proj"]`` means here what it means on
 ``forward(idx)`` returns logits of shape ``(B, T, vocab_size)``; :func:`lm_loss` turns them
 into a cross-entropy over the positions a mask selects (the answer tokens of a task).
 
-Attention goes through a single call site, :func:`causal_attention`, which uses
-``course_lib.utils.flash_attention.flash_attention_forward`` when that module is available and
-``torch.nn.functional.scaled_dot_product_attention`` otherwise.
+Attention goes through a single call site, :func:`causal_attention`:
+``course_lib.utils.flash_attention.flash_attention_forward`` (PyTorch's SDPA, with standard
+attention as its fallback; :func:`~course_lib.utils.flash_attention.attention_backend` switches
+a whole model to the naive or tiled path).
 
 The pretrained weights ship in ``course_lib/assets/`` and are produced by
 ``python -m course_lib.pretrain``; :func:`load_pretrained` verifies their SHA-256 checksum.
@@ -27,10 +28,8 @@ The pretrained weights ship in ``course_lib/assets/`` and are produced by
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -38,6 +37,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from course_lib.utils.flash_attention import default_backend, flash_attention_forward
+from course_lib.utils.params import count_parameters
+from course_lib.validation import (
+    check_bool,
+    check_choice,
+    check_number,
+    check_probability,
+    positive_int,
+)
 
 __all__ = [
     "TinyGPTConfig",
@@ -84,16 +93,15 @@ class TinyGPTConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "d_ff"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"TinyGPTConfig.{name} must be a positive int, got {value!r}")
+            positive_int(f"TinyGPTConfig.{name}", getattr(self, name))
         if self.d_model % self.n_head != 0:
             raise ValueError(
                 f"TinyGPTConfig.d_model ({self.d_model}) must be divisible by "
                 f"n_head ({self.n_head})"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"TinyGPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        check_probability("TinyGPTConfig.dropout", self.dropout)
+        check_number("TinyGPTConfig.norm_eps", self.norm_eps, low=0.0, low_inclusive=False)
+        check_bool("TinyGPTConfig.gradient_checkpointing", self.gradient_checkpointing)
 
     @property
     def head_size(self) -> int:
@@ -117,40 +125,22 @@ class TinyGPTConfig:
 # Attention call site
 # --------------------------------------------------------------------------------------------
 
-_FLASH_MODULE = "course_lib.utils.flash_attention"
-_flash_fn: Callable[..., torch.Tensor] | None = None
-_flash_checked = False
-
-
-def _flash_attention_forward() -> Callable[..., torch.Tensor] | None:
-    """The course's ``flash_attention_forward`` if its module exists, else ``None`` (cached)."""
-    global _flash_fn, _flash_checked
-    if not _flash_checked:
-        try:
-            module = importlib.import_module(_FLASH_MODULE)
-        except ModuleNotFoundError as exc:
-            if exc.name != _FLASH_MODULE:  # the module exists but one of its imports is missing
-                raise
-            module = None
-        _flash_fn = getattr(module, "flash_attention_forward", None) if module else None
-        _flash_checked = True
-    return _flash_fn
-
 
 def attention_implementation() -> str:
-    """Which implementation :func:`causal_attention` uses: ``"flash_attention_forward"`` or ``"sdpa"``."""
-    return "flash_attention_forward" if _flash_attention_forward() is not None else "sdpa"
+    """The path :func:`causal_attention` takes now: ``flash_attention_forward``'s default backend.
+
+    ``"auto"`` (PyTorch's SDPA) unless a :func:`~course_lib.utils.flash_attention.attention_backend`
+    block chose another one (``"naive"``, ``"tiled"``, ``"flash"``, ...).
+    """
+    return default_backend()
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal scaled dot-product attention of ``(B, nh, T, hs)`` tensors -> ``(B, nh, T, hs)``.
 
-    The single attention call site of TinyGPT.
+    The single attention call site of TinyGPT: :func:`flash_attention_forward`.
     """
-    fn = _flash_attention_forward()
-    if fn is not None:
-        return fn(q, k, v, causal=True)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return flash_attention_forward(q, k, v, causal=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,7 +282,7 @@ class TinyGPT(nn.Module):
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Number of parameters (only those with ``requires_grad`` if ``trainable_only``)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+        return count_parameters(self, trainable_only)
 
 
 def lm_loss(
@@ -307,8 +297,7 @@ def lm_loss(
     ``None`` counts every position. ``reduction="mean"`` averages over the selected tokens,
     ``"sum"`` adds them up (what gradient accumulation needs, see ``course_lib.train``).
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    check_choice("reduction", reduction, ("mean", "sum"))
     if logits.dim() != 3 or targets.shape != logits.shape[:2]:
         raise ValueError(
             f"logits must be (B, T, V) and targets (B, T); got logits {tuple(logits.shape)} "

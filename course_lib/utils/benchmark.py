@@ -16,7 +16,10 @@ Example::
     from course_lib.utils.benchmark import compare, speedups, peak_memory
     times = compare({"naive": lambda: naive(q, k, v), "sdpa": lambda: sdpa(q, k, v)}, repeat=5)
     print(speedups(times, baseline="naive"))       # {"naive": 1.0, "sdpa": 9.7}
-    print(peak_memory(lambda: naive(q, k, v)))     # bytes
+    print(format_bytes(peak_memory(lambda: naive(q, k, v)), "binary"))  # e.g. '1.00 GiB'
+
+Measured bytes are printed in binary units (``format_bytes(n, "binary")``: KiB, MiB, GiB);
+``format_bytes`` is :func:`course_lib.utils.units.format_bytes`, re-exported here.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from course_lib.utils.units import format_bytes
+from course_lib.validation import non_negative_int, positive_int
 
 __all__ = [
     "Timing",
@@ -66,12 +72,6 @@ class Timing:
             f"min {format_seconds(self.min)}, median {format_seconds(self.median)} "
             f"({len(self.times)} runs)"
         )
-
-
-def _positive_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def _synchronize(sync: bool | None) -> None:
@@ -111,12 +111,14 @@ def compare(
     and the ratios of their minima are fair. Each result is dropped before the next call, so
     one function's output does not inflate the next one's memory.
     """
-    if not isinstance(fns, Mapping) or not fns:
+    if not isinstance(fns, Mapping):
+        raise TypeError(f"fns must be a mapping of name -> function, got {type(fns).__name__}")
+    if not fns:
         raise ValueError("fns must be a non-empty mapping of name -> function")
     for name, fn in fns.items():
         _check_callable(f"fns[{name!r}]", fn)
-    repeat = _positive_int("repeat", repeat)
-    warmup = _positive_int("warmup", warmup, minimum=0)
+    repeat = positive_int("repeat", repeat)
+    warmup = non_negative_int("warmup", warmup)
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -149,7 +151,7 @@ def torch_threads(n: int) -> Iterator[None]:
     run much faster on one thread than on several when other processes share the cores: the
     threads of each small op wait for each other at every barrier.
     """
-    n = _positive_int("n", n)
+    n = positive_int("n", n)
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -231,20 +233,8 @@ def peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> in
 
 
 # --------------------------------------------------------------------------------------------
-# Formatting and growth
+# Formatting times, fitting growth
 # --------------------------------------------------------------------------------------------
-
-
-def format_bytes(nbytes: float) -> str:
-    """``1536`` -> ``'1.5 KiB'`` (binary units, one decimal)."""
-    if isinstance(nbytes, bool) or not isinstance(nbytes, (int, float)) or nbytes < 0:
-        raise ValueError(f"nbytes must be a non-negative number, got {nbytes!r}")
-    value = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def format_seconds(seconds: float) -> str:

@@ -21,16 +21,15 @@ from matplotlib.patches import Patch
 from course_lib.utils.memory import (
     CATEGORIES,
     CATEGORY_LABELS,
-    GB,
-    MB,
     METHODS,
     OPTIMIZERS,
     MemoryBreakdown,
     estimate_memory,
-    format_bytes,
     get_preset,
     preset_names,
 )
+from course_lib.utils.units import GB, MB, format_bytes
+from course_lib.validation import check_bool, check_choice
 from course_lib.widgets.dashboard import dashboard
 
 __all__ = [
@@ -83,8 +82,7 @@ def targets_for(preset: str, choice: str) -> list[str] | str:
     ``"q,v"``: the query and value projections (GPT-2's fused ``c_attn`` holds q, k and v);
     ``"attention"``: every attention projection; ``"all-linear"``: every block linear.
     """
-    if choice not in TARGET_CHOICES:
-        raise ValueError(f"targets must be one of {TARGET_CHOICES}, got {choice!r}")
+    check_choice("targets", choice, TARGET_CHOICES)
     spec = get_preset(preset)
     if choice == "all-linear":
         return "all-linear"
@@ -103,8 +101,7 @@ def budget_estimates(
     base; QLoRA's base is NF4 with double quantisation. ``seq_len`` is capped at the model's
     context for models with learned positions.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_choice("precision", precision, PRECISIONS)
     spec = get_preset(preset)
     if spec.learned_positions:
         seq_len = min(seq_len, spec.max_seq_len)
@@ -131,8 +128,8 @@ def stacked_bars(
     colour; the others are faded (all are full colour when it is ``None``)."""
     if not breakdowns:
         raise ValueError("breakdowns must not be empty")
-    if highlight is not None and highlight not in breakdowns:
-        raise ValueError(f"highlight must be one of {list(breakdowns)}, got {highlight!r}")
+    if highlight is not None:
+        check_choice("highlight", highlight, breakdowns)
     x = np.arange(len(breakdowns))
     for i, (name, b) in enumerate(breakdowns.items()):
         chosen = highlight is None or name == highlight
@@ -147,8 +144,8 @@ def stacked_bars(
                 linewidth=1.2 if chosen and highlight is not None else (0.6 if chosen else 0),
             )
             bottom += value
-        ax.text(x[i], bottom, format_bytes(b.total), ha="center", va="bottom", fontsize=9,
-                fontweight="bold" if highlight is not None and chosen else "normal")
+        ax.text(x[i], bottom, format_bytes(b.total, "decimal"), ha="center", va="bottom",
+                fontsize=9, fontweight="bold" if highlight is not None and chosen else "normal")
     ax.set_xticks(x, list(breakdowns))
     ax.set_xlim(-0.6, len(breakdowns) - 0.4)
     if legend:
@@ -164,8 +161,7 @@ def draw_budget(
     checkpointing: bool, optimizer: str, precision: str,
 ) -> str:
     """Draw the three stacked bars into ``fig``; return a one-line summary of ``method``'s bar."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_choice("method", method, METHODS)
     estimates = budget_estimates(
         preset, rank, targets, batch_size, seq_len, checkpointing, optimizer, precision
     )
@@ -200,13 +196,13 @@ def draw_budget(
     est = estimates[method]
     fits = [f"{gb} GB" for gb in GPU_LINES if est.fits(gb)]
     parts = ", ".join(
-        f"{CATEGORY_LABELS[c]} {format_bytes(getattr(est, c))}"
+        f"{CATEGORY_LABELS[c]} {format_bytes(getattr(est, c), 'decimal')}"
         for c in CATEGORIES if getattr(est, c) > 0
     )
     verdict = f"fits {' / '.join(fits)}" if fits else "fits none of 24/48/80 GB"
     capped = f" (seq_len capped at {shown_seq})" if shown_seq != seq_len else ""
     return (
-        f"{preset} {method}: {format_bytes(est.total)} total = {parts}; {verdict}; "
+        f"{preset} {method}: {format_bytes(est.total, 'decimal')} total = {parts}; {verdict}; "
         f"{est.trainable_parameters:,} trainable of {est.parameters:,} parameters{capped}"
     )
 
@@ -223,14 +219,12 @@ def budget_dashboard(interactive: bool | None = None, **values: Any):
     start = {**DEFAULTS, **values}
     allowed = {
         "preset": preset_names(), "method": METHODS, "rank": RANKS, "targets": TARGET_CHOICES,
-        "batch_size": BATCH_SIZES, "seq_len": SEQ_LENS, "checkpointing": (True, False),
-        "optimizer": OPTIMIZERS, "precision": PRECISIONS,
+        "batch_size": BATCH_SIZES, "seq_len": SEQ_LENS, "optimizer": OPTIMIZERS,
+        "precision": PRECISIONS,
     }
+    check_bool("checkpointing", start["checkpointing"])
     for name, options in allowed.items():
-        if start[name] not in options or (
-            name == "checkpointing" and not isinstance(start[name], bool)
-        ):
-            raise ValueError(f"{name} must be one of {tuple(options)}, got {start[name]!r}")
+        check_choice(name, start[name], options)
 
     def controls():
         import ipywidgets as W

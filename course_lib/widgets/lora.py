@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from course_lib.model.lora import lora_parameter_count, lora_savings
+from course_lib.validation import positive_int
 from course_lib.widgets.dashboard import dashboard
 
 __all__ = ["PRESETS", "CUSTOM", "draw_rank_savings", "rank_savings_dashboard"]
@@ -86,11 +87,10 @@ def rank_savings_dashboard(
     ``interactive=None`` picks the interactive version inside a Jupyter kernel. Returns the
     :class:`~course_lib.widgets.dashboard.Dashboard` or the matplotlib figure.
     """
-    lora_parameter_count(d, k, r)  # validates d, k, r (ValueError naming the argument)
-    if not (D_RANGE[0] <= d <= D_RANGE[1] and D_RANGE[0] <= k <= D_RANGE[1]):
-        raise ValueError(f"d and k must be in [{D_RANGE[0]}, {D_RANGE[1]}], got d={d}, k={k}")
-    if not R_RANGE[0] <= r <= R_RANGE[1]:
-        raise ValueError(f"r must be in [{R_RANGE[0]}, {R_RANGE[1]}], got {r}")
+    ranges = {"d": (d, D_RANGE[:2]), "k": (k, D_RANGE[:2]), "r": (r, R_RANGE)}
+    for name, (value, (low, high)) in ranges.items():
+        if positive_int(name, value) < low or value > high:
+            raise ValueError(f"{name} must be an int in [{low}, {high}], got {value!r}")
     preset = _preset_for(d, k)
 
     def controls():

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from course_lib.model.nf4 import codebook_roundtrip, fp4_codebook, int4_codebook, nf4_codebook
+from course_lib.validation import check_choice, check_number
 from course_lib.widgets.dashboard import dashboard
 
 __all__ = [
@@ -88,16 +89,9 @@ def constant_bits(blocksize: int, double_quant: bool, dq_blocksize: int = 256) -
 
 
 def _check(blocksize: int, outlier_sigma: float, outlier_fraction: float) -> None:
-    if blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
-    if not SIGMA_RANGE[0] <= outlier_sigma <= SIGMA_RANGE[1]:
-        raise ValueError(
-            f"outlier_sigma must be in [{SIGMA_RANGE[0]}, {SIGMA_RANGE[1]}], got {outlier_sigma!r}"
-        )
-    if outlier_fraction not in OUTLIER_FRACTIONS:
-        raise ValueError(
-            f"outlier_fraction must be one of {OUTLIER_FRACTIONS}, got {outlier_fraction!r}"
-        )
+    check_choice("blocksize", blocksize, BLOCKSIZES)
+    check_number("outlier_sigma", outlier_sigma, low=SIGMA_RANGE[0], high=SIGMA_RANGE[1])
+    check_choice("outlier_fraction", outlier_fraction, OUTLIER_FRACTIONS)
 
 
 def draw_nf4_error(fig, blocksize: int, outlier_sigma: float, outlier_fraction: float) -> str:

@@ -7,7 +7,8 @@
 - ``require`` (``make test-e2e``, CI): a missing Chromium or playwright fails the run;
 - ``off``: the browser tests are skipped even when a browser is there.
 
-Chromium is Debian's ``chromium`` (``apt-get install chromium``), found on PATH or named by
+Chromium is Debian's ``chromium`` (``apt-get install chromium fonts-noto-cjk``: without a CJK
+font the Chinese prose renders as boxes, which a test checks), found on PATH or named by
 ``$COURSE_E2E_CHROMIUM``; playwright never downloads a browser here. Screenshots and the server
 log go to ``artifacts/e2e/`` (``$COURSE_E2E_ARTIFACTS`` overrides).
 """
@@ -51,7 +52,7 @@ def chromium_path() -> str:
     if path is None:
         where = os.environ.get("COURSE_E2E_CHROMIUM") or "`chromium` on PATH or /usr/bin/chromium"
         problems.append(
-            f"no Chromium found ({where}); install Debian's: apt-get install chromium"
+            f"no Chromium found ({where}); install Debian's: apt-get install chromium fonts-noto-cjk"
         )
     try:
         import playwright.sync_api  # noqa: F401

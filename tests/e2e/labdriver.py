@@ -124,9 +124,8 @@ class LabServer:
             },
         }
         (config / "jupyter_lab_config.json").write_text(json.dumps(lab, indent=1))
-        # The "get Jupyter news?" toast would cover part of the page.
-        page_config = {"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}
-        (config / "labconfig" / "page_config.json").write_text(json.dumps(page_config))
+        # No page_config here: the "get Jupyter news?" toast must stay away because of the
+        # course's own settings (make setup installs them into the venv), which the tests check.
         env = dict(os.environ)
         env.update(
             JUPYTER_CONFIG_DIR=str(config),
@@ -202,13 +201,22 @@ class LabServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def api(self, path: str, method: str = "GET") -> Any:
+    def api(self, path: str, method: str = "GET", body: Any = None) -> Any:
+        headers = {"Authorization": f"token {self.token}"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
         request = urllib.request.Request(
-            self.base_url + path, method=method, headers={"Authorization": f"token {self.token}"}
+            self.base_url + path, method=method, headers=headers, data=data
         )
         with urllib.request.urlopen(request, timeout=10) as response:
             body = response.read()
         return json.loads(body) if body else None
+
+    def set_user_settings(self, plugin: str, values: dict) -> None:
+        """Replace this server's user settings of ``plugin`` (its isolated settings directory)."""
+        self.api(f"/lab/api/settings/{plugin}", method="PUT", body={"raw": json.dumps(values)})
 
     def lab_url(self, notebook: str) -> str:
         return f"{self.base_url}/lab/tree/{notebook}?reset&token={self.token}"
@@ -254,6 +262,37 @@ _CELLS_JS = """
     };
   });
   return {status: indicator ? indicator.dataset.status : null, cells};
+}
+"""
+
+# JavaScript run in the page: render an element's CJK characters (and two code points that no
+# font has) on a canvas in the element's font, and compare the pixels.
+_GLYPHS_JS = r"""
+(selector) => {
+  const el = document.querySelector(selector);
+  if (!el) return null;
+  const style = getComputedStyle(el);
+  const font = `${style.fontStyle} ${style.fontWeight} ${style.fontSize} ${style.fontFamily}`;
+  const canvas = document.createElement('canvas');
+  canvas.width = 96; canvas.height = 96;
+  const ctx = canvas.getContext('2d', {willReadFrequently: true});
+  const draw = (ch) => {
+    ctx.clearRect(0, 0, 96, 96);
+    ctx.font = font;
+    ctx.fillStyle = '#000';
+    ctx.fillText(ch, 8, 64);
+    return Array.from(ctx.getImageData(0, 0, 96, 96).data).join(',');
+  };
+  const text = el.textContent;
+  const characters = [...new Set(text.match(/[\u4e00-\u9fff]/g) || [])].slice(0, 6);
+  const missing = [draw('\u{10FFFC}'), draw('\u{10FFFD}')];
+  const drawn = characters.map(draw);
+  return {
+    text, characters, font,
+    distinct: new Set(drawn).size === drawn.length,
+    like_missing: characters.filter((c, i) => drawn[i] === missing[0]),
+    missing_identical: missing[0] === missing[1],
+  };
 }
 """
 
@@ -434,6 +473,32 @@ class NotebookPage:
 
     def close(self) -> None:
         self.server.shutdown_session(self.notebook)
+
+    # -- what the page shows -----------------------------------------------------------------
+    def shows_text(self, text: str, timeout_ms: int) -> bool:
+        """Whether ``text`` appears anywhere on the page within ``timeout_ms``."""
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+        try:
+            self.page.get_by_text(text).first.wait_for(state="visible", timeout=timeout_ms)
+        except PlaywrightTimeout:
+            return False
+        return True
+
+    def glyphs(self, selector: str) -> dict:
+        """How the CJK characters of the first element matching ``selector`` render.
+
+        Each character is drawn on a canvas in the element's computed font (the same font
+        fallback as the page). A character no installed font has is drawn as the same empty
+        box as any other missing one, so ``characters`` that are all different from each other
+        and from ``missing`` (two private-use code points no font has) render with a real font.
+        Returns ``{"text", "characters", "distinct", "like_missing", "missing_identical",
+        "font"}``.
+        """
+        report = self.page.evaluate(_GLYPHS_JS, selector)
+        if report is None:
+            raise self.fail(f"no element matches {selector!r}")
+        return report
 
 
 # -- widgets ----------------------------------------------------------------------------------

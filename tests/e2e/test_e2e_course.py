@@ -117,6 +117,45 @@ def test_solution_runs_all(open_notebook, notebook):
             assert expected in cells[i]["text"], f"cell {i}: no {expected!r} in {cells[i]['text']!r}"
 
 
+NEWS_SETTINGS = "@jupyterlab/apputils-extension:notification"
+NEWS_TOAST = "Would you like to get notified about official Jupyter news?"
+HEADING = ".jp-NotebookPanel:not(.lm-mod-hidden) .jp-RenderedMarkdown h1"
+
+
+def test_chinese_renders_and_no_news_toast(open_notebook):
+    """A student's first view: the Chinese heading is drawn with a real font (not boxes), and
+    the course's JupyterLab settings keep the news toast away (make setup installs them)."""
+    nb = open_notebook("notebooks/00_welcome.ipynb")
+    glyphs = nb.glyphs(HEADING)
+    nb.screenshot("chinese-heading", nb.page.locator(HEADING).first)
+    assert glyphs["missing_identical"], (
+        f"control failed: two code points no font has were drawn differently ({glyphs}), so "
+        "this browser does not draw missing glyphs as one box and the check below means nothing"
+    )
+    assert glyphs["characters"], f"no Chinese characters in the heading {glyphs['text']!r}"
+    assert glyphs["distinct"] and not glyphs["like_missing"], (
+        f"Chinese characters {glyphs['like_missing'] or glyphs['characters']} of the heading "
+        f"{glyphs['text']!r} are drawn as boxes in {glyphs['font']!r}: install a CJK font "
+        "(Debian/Ubuntu: apt-get install fonts-noto-cjk)"
+    )
+    assert not nb.shows_text(NEWS_TOAST, timeout_ms=5_000), (
+        "JupyterLab asked about official Jupyter news: the course's overrides "
+        "(jupyter/lab/settings/overrides.d/course_lib.json) are not installed in the venv; "
+        "run `make setup`"
+    )
+
+
+def test_news_toast_check_sees_the_toast(open_notebook, lab_server):
+    """Control for the test above: with the user setting back at JupyterLab's own default
+    ("ask"), the same check finds the toast."""
+    lab_server.set_user_settings(NEWS_SETTINGS, {"fetchNews": "none"})
+    try:
+        nb = open_notebook("notebooks/00_welcome.ipynb")
+        assert nb.shows_text(NEWS_TOAST, timeout_ms=30_000), "the news toast did not appear"
+    finally:
+        lab_server.set_user_settings(NEWS_SETTINGS, {})
+
+
 @pytest.mark.parametrize("case", WIDGETS, ids=lambda c: c.id)
 def test_widget_redraws_when_slider_moves(open_notebook, case):
     """Run the solution notebook (all, or the row's cells); its widget shows sliders + figure
