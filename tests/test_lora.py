@@ -125,11 +125,14 @@ def test_parameter_count_and_savings_formulas():
     assert lora_savings(4096, 11008, 16) == pytest.approx(4096 * 11008 / (16 * 15104))
 
 
-@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "8", None])
-def test_formulas_reject_bad_rank(bad):
-    with pytest.raises(ValueError, match=r"^r must be a positive int"):
+@pytest.mark.parametrize(("bad", "error"), [
+    (0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError), ("8", TypeError),
+    (None, TypeError),
+])
+def test_formulas_reject_bad_rank(bad, error):
+    with pytest.raises(error, match=r"^r must be a positive int"):
         lora_parameter_count(16, 16, bad)
-    with pytest.raises(ValueError, match=r"^r must be a positive int"):
+    with pytest.raises(error, match=r"^r must be a positive int"):
         lora_savings(16, 16, bad)
 
 
@@ -292,14 +295,15 @@ def test_wrapped_forward_is_base_plus_update_with_grads_like_autograd():
 
 
 class SubLinear(nn.Linear):
-    """An nn.Linear subclass: LinearWithLoRA takes its generic (unfused) path."""
+    """An nn.Linear subclass (as bitsandbytes' Linear4bit is one)."""
 
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_fused_and_generic_paths_agree(bias):
     torch.manual_seed(0)
     fused = LinearWithLoRA(nn.Linear(12, 10, bias=bias).double(), r=3, lora_alpha=6)
-    generic = LinearWithLoRA(SubLinear(12, 10, bias=bias).double(), r=3, lora_alpha=6)
+    generic = LinearWithLoRA(SubLinear(12, 10, bias=bias).double(), r=3, lora_alpha=6,
+                             fused=False)
     generic.load_state_dict(fused.state_dict())
     randomise_lora(nn.ModuleList([fused, generic]))
     with torch.no_grad():
@@ -680,15 +684,18 @@ def test_custom_layer_types_for_linear_like_modules():
     assert isinstance(model.q_proj, LinearWithLoRA)
     with pytest.raises(TypeError, match="layer_types"):
         apply_lora(toy(), LoRAConfig(), layer_types=("Linear",))
+    single = nn.Module()
+    single.q_proj = FakeQuantLinear(4, 4)
+    apply_lora(single, LoRAConfig(r=1, target_modules=["q_proj"]), layer_types=FakeQuantLinear)
+    assert isinstance(single.q_proj, LinearWithLoRA)  # one class is taken as a 1-tuple
 
 
 def test_target_modules_normalisation_and_errors():
     assert LoRAConfig(target_modules={"v_proj", "q_proj"}).target_modules == ["q_proj", "v_proj"]
     assert LoRAConfig(target_modules=("k_proj",)).target_modules == ["k_proj"]
-    for bad in [[], "", ["q_proj", 3], 5, None]:
-        if bad == "":
-            continue
-        with pytest.raises(ValueError, match="^target_modules must be"):
+    for bad, error in [([], ValueError), (["q_proj", 3], ValueError), (5, TypeError),
+                       (None, TypeError)]:
+        with pytest.raises(error, match="^target_modules must be"):
             LoRAConfig(target_modules=bad)
     with pytest.raises(ValueError, match="not a valid regular expression"):
         LoRAConfig(target_modules="(q_proj")
@@ -861,18 +868,70 @@ def test_load_rejects_bad_files(tmp_path):
         load_adapter(toy(), tmp_path)
 
 
+def test_load_rejects_malformed_config_files(tmp_path):
+    save_adapter(apply_lora(toy(), LoRAConfig(r=2)), tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    good = json.loads(config_path.read_text())
+    for text, match in [("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object"),
+                        (json.dumps({**good, "target_modules": None}), "target_modules is missing")]:
+        config_path.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            load_adapter(toy(), tmp_path)
+
+
+def test_save_refuses_a_bare_layer(tmp_path):
+    with pytest.raises(ValueError, match="not a bare LinearWithLoRA"):
+        save_adapter(LinearWithLoRA(nn.Linear(4, 4), r=2), tmp_path)
+
+
+def test_adapter_names_are_importable_from_both_modules():
+    from course_lib.model import adapters
+
+    for name in ("save_adapter", "load_adapter", "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME"):
+        assert getattr(lora_mod, name) is getattr(adapters, name)
+    assert lora_mod.ADAPTER_CONFIG_NAME == "adapter_config.json"
+    assert lora_mod.ADAPTER_WEIGHTS_NAME == "adapter_model.safetensors"
+    with pytest.raises(AttributeError, match="no attribute 'save_adapters'"):
+        lora_mod.save_adapters  # noqa: B018
+
+
+def test_config_scaling_and_peft_dict_round_trip():
+    config = LoRAConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj"])
+    assert config.scaling == 2.0
+    assert LoRAConfig(r=16, lora_alpha=8, use_rslora=True).scaling == 2.0
+    data = config.to_peft_dict()
+    assert data["peft_type"] == "LORA" and data["target_modules"] == ["q_proj"]
+    assert LoRAConfig.from_peft_dict(data) == config
+    assert LoRAConfig.from_peft_dict({**data, "task_type": "CAUSAL_LM"}) == config  # ignored
+    with pytest.raises(ValueError, match=r"^x.json: bias='all' is not supported"):
+        LoRAConfig.from_peft_dict({**data, "bias": "all"}, source="x.json")
+
+
+def test_reprs_show_the_hyperparameters():
+    layer = LinearWithLoRA(nn.Linear(8, 6, bias=False), r=2, lora_alpha=4)
+    text = repr(layer)
+    assert text.startswith("LinearWithLoRA(\n  merged=False\n")
+    assert ("in_features=8, out_features=6, r=2, lora_alpha=4, scaling=2, lora_dropout=0.0, "
+            "use_rslora=False") in text
+    layer.merge()
+    assert "merged=True" in repr(layer)
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "8", None])
-def test_bad_rank(bad):
-    with pytest.raises(ValueError, match="^r must be a positive int"):
+@pytest.mark.parametrize(("bad", "error"), [
+    (0, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError), ("8", TypeError),
+    (None, TypeError),
+])
+def test_bad_rank(bad, error):
+    with pytest.raises(error, match="^r must be a positive int"):
         LoRALayer(8, 8, r=bad)
-    with pytest.raises(ValueError, match="^r must be a positive int"):
+    with pytest.raises(error, match="^r must be a positive int"):
         LinearWithLoRA(nn.Linear(8, 8), r=bad)
-    with pytest.raises(ValueError, match="^r must be a positive int"):
+    with pytest.raises(error, match="^r must be a positive int"):
         LoRAConfig(r=bad)
 
 
@@ -881,9 +940,9 @@ def test_bad_rank(bad):
     ("16", TypeError), (True, TypeError), (None, TypeError),
 ])
 def test_bad_alpha(bad, error):
-    with pytest.raises(error, match="^lora_alpha must be a positive"):
+    with pytest.raises(error, match=r"^lora_alpha must be a number > 0 \(e.g. 16\)"):
         LoRALayer(8, 8, r=2, lora_alpha=bad)
-    with pytest.raises(error, match="^lora_alpha must be a positive"):
+    with pytest.raises(error, match=r"^lora_alpha must be a number > 0 \(e.g. 16\)"):
         LoRAConfig(lora_alpha=bad)
 
 
@@ -912,15 +971,16 @@ def test_base_linear_with_inconsistent_weight():
 
 
 def test_bad_init_rslora_and_sizes():
-    with pytest.raises(ValueError, match="^init_lora_weights must be True"):
+    allowed = r"^init_lora_weights must be one of \(True, False, 'gaussian'\)"
+    with pytest.raises(ValueError, match=allowed):
         LoRALayer(8, 8, r=2, init_lora_weights="kaiming")
-    with pytest.raises(ValueError, match="^init_lora_weights must be True"):
+    with pytest.raises(ValueError, match=allowed):
         LoRAConfig(init_lora_weights=1)
     with pytest.raises(TypeError, match="^use_rslora must be True or False"):
         LoRALayer(8, 8, r=2, use_rslora="yes")
     with pytest.raises(ValueError, match="^in_features must be a positive int"):
         LoRALayer(0, 8)
-    with pytest.raises(ValueError, match="^out_features must be a positive int"):
+    with pytest.raises(TypeError, match="^out_features must be a positive int"):
         LoRALayer(8, 2.0)
 
 
@@ -935,8 +995,12 @@ def test_rank_above_min_dimension_warns():
 
 
 def test_course_lib_reexports_the_lesson_names():
+    from course_lib.utils import params
+
     assert course_lib.LoRALayer is LoRALayer
     assert course_lib.LinearWithLoRA is LinearWithLoRA
+    assert lora_mod.TrainableSummary is params.TrainableSummary
+    assert trainable_parameters_summary is params.trainable_parameters_summary
     assert set(lora_mod.__all__) >= {
         "LoRALayer", "LinearWithLoRA", "LoRAConfig", "apply_lora", "mark_only_lora_as_trainable",
         "trainable_parameters_summary", "merge_lora", "unmerge_lora", "save_adapter",
