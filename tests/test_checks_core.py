@@ -306,3 +306,18 @@ def test_in_a_kernel_the_failure_renders_as_the_friendly_block(tmp_path):
     assert "CHECK nb99_square: not passed yet" in shown
     assert "Traceback" not in shown and "course_lib" not in shown and "File " not in shown
     assert len(error.traceback) == 3
+
+
+def test_a_lazy_re_export_cached_during_the_check_is_restored():
+    import course_lib
+
+    course_lib.__dict__.pop("LoRALayer", None)  # not cached yet: the student's call caches it
+    source = (
+        "import torch\nfrom torch import nn\nimport course_lib\n"
+        "class LoRALayer(nn.Module):\n"
+        "    def __init__(self, i, o, r=2):\n        super().__init__()\n"
+        "        self.impl = course_lib.LoRALayer(i, o, r=r)\n"
+    )
+    with pytest.raises(CheckFailure, match="own implementation"):
+        check_lora_class(student_namespace(source)["LoRALayer"])
+    assert course_lib.LoRALayer is lora_lib.LoRALayer

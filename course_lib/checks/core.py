@@ -312,13 +312,14 @@ def _guarded(fn: Any, forbidden: tuple[str, ...]) -> Iterator[None]:
     if not forbidden:
         yield
         return
-    guards: dict[int, Any] = {}
+    guards: dict[int, Any] = {}  # id(reference) -> its guard
+    restore: dict[int, Any] = {}  # id(guard) -> the reference it stands for
     for name in forbidden:
         _, _, obj = _resolve(name)
-        guards[id(obj)] = _guard(name, obj)
-    spaces = [vars(m) for n, m in list(sys.modules.items())
-              if m is not None and (n == _COURSE_PACKAGE or n.startswith(_COURSE_PACKAGE + "."))
-              and n != __name__]
+        if id(obj) not in guards:
+            guards[id(obj)] = _guard(name, obj)
+            restore[id(guards[id(obj)])] = obj
+    spaces = _course_namespaces()
     spaces += [vars(_resolve(name)[0]) for name in forbidden]  # e.g. torch.nn.functional
     spaces += _student_namespaces(fn)
     replaced: list[tuple[dict, str, Any]] = []
@@ -333,6 +334,19 @@ def _guarded(fn: Any, forbidden: tuple[str, ...]) -> Iterator[None]:
     finally:
         for space, key, value in reversed(replaced):
             space[key] = value
+        # A guard may also have been copied while the block ran (e.g. a lazy re-export such as
+        # ``course_lib.LoRALayer`` caches what it finds): put the original back there too.
+        for space in {id(s): s for s in [*spaces, *_course_namespaces()]}.values():
+            for key, value in list(space.items()):
+                if id(value) in restore:
+                    space[key] = restore[id(value)]
+
+
+def _course_namespaces() -> list[dict]:
+    """The global namespaces of every imported course_lib module (but this one)."""
+    return [vars(m) for n, m in list(sys.modules.items())
+            if m is not None and (n == _COURSE_PACKAGE or n.startswith(_COURSE_PACKAGE + "."))
+            and n != __name__]
 
 
 def _guard(name: str, original: Any) -> Any:
