@@ -432,7 +432,7 @@ def test_whole_notebook_timeout_stops_a_loop_that_ignores_interrupts(graded, tmp
 def test_nbgrader_layout_and_grading_without_namespaces(graded, tmp_path, monkeypatch, capsys):
     """nbgrader's submitted/<student>/<assignment>/ layout; also where namespaces are refused
     (as in many containers) grading still works and warns that the network is not isolated."""
-    import course_lib.instructor.grade as grade_module
+    import course_lib.instructor.grade_sandbox as grade_module
 
     monkeypatch.setattr(grade_module, "_probe", lambda *flags: (False, "unshare: Operation "
                                                                 "not permitted"))

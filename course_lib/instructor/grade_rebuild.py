@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from course_lib.instructor.nbio import notebook_paths
 from course_lib.instructor.protocol import (
     MD_SOLUTION_BEGIN,
     MD_SOLUTION_END,
@@ -30,7 +31,7 @@ from course_lib.instructor.protocol import (
     points_of,
     source_of,
 )
-from course_lib.instructor.release import NOTEBOOK_NAME, release_notebook, student_cell
+from course_lib.instructor.release import release_notebook, student_cell
 
 MAX_NOTEBOOK_BYTES = 100 * 2**20  # a submitted notebook larger than this is not read
 NBVAL_MARKERS = ("NBVAL_SKIP", "NBVAL_IGNORE_OUTPUT", "NBVAL_RAISES_EXCEPTION",
@@ -176,7 +177,7 @@ def load_solutions(solutions_dir: Path, only: list[str] | None = None) -> list[S
     solutions_dir = Path(solutions_dir)
     if not solutions_dir.is_dir():
         raise GradeSetupError([f"--solutions: folder not found: {solutions_dir}"])
-    paths = sorted(p for p in solutions_dir.glob("*.ipynb") if NOTEBOOK_NAME.match(p.name))
+    paths = notebook_paths(solutions_dir)
     if not paths:
         raise GradeSetupError([f"--solutions: no NN_name.ipynb solution notebooks in {solutions_dir}"])
     if only:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from course_lib.instructor.grade_rebuild import SolutionNotebook
 from course_lib.instructor.grade_run import PASSED, CheckResult
-from course_lib.instructor.release import atomic_write
+from course_lib.instructor.nbio import atomic_write
 
 FORMAT_VERSION = 1
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from course_lib.instructor.execute import NOTEBOOK_ENV
 from course_lib.instructor.grade_rebuild import SolutionNotebook, success_line
 from course_lib.instructor.grade_sandbox import SANDBOX_FAILED
-from course_lib.instructor.release import dumps
+from course_lib.instructor.nbio import dumps
 
 MARKER_ENV = "COURSE_GRADE_RUN"
 LOG_TAIL_BYTES = 64 * 1024

@@ -11,9 +11,10 @@ Run as ``python -m course_lib.instructor.grade_sandbox [options] -- COMMAND ...`
 3. replaces itself with ``COMMAND``.
 
 ``--probe`` tries the requested isolation, opens a loopback TCP connection inside it, and prints
-one JSON object saying what works, so that the grader can degrade with a warning on systems where
-unprivileged namespaces are not permitted (many containers). A real run that asks for isolation
-it cannot get exits with :data:`SANDBOX_FAILED` and a message rather than running unisolated.
+one JSON object saying what works; :func:`detect_sandbox` runs the probes, so that the grader can
+degrade with a warning on systems where unprivileged namespaces are not permitted (many
+containers). A real run that asks for isolation it cannot get exits with :data:`SANDBOX_FAILED`
+and a message rather than running unisolated.
 
 Namespaces are Linux-only; elsewhere only the memory limit applies.
 """
@@ -30,7 +31,9 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import sys
+from dataclasses import dataclass
 
 SANDBOX_FAILED = 97
 
@@ -171,6 +174,44 @@ def probe(isolate_net: bool, pid_ns: bool) -> dict:
         return json.loads(b"".join(chunks) or b"{}") or {"ok": False, "error": "probe died"}
     except json.JSONDecodeError:
         return {"ok": False, "error": "probe died"}
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """The isolation this machine permits, and what the grader warns about."""
+
+    isolate_net: bool
+    pid_ns: bool
+    warnings: tuple[str, ...]
+
+
+def _probe(*flags: str) -> tuple[bool, str]:
+    cmd = [sys.executable, "-m", "course_lib.instructor.grade_sandbox", "--probe", *flags]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+        return bool(report.get("ok")), str(report.get("error") or "")
+    except (OSError, subprocess.SubprocessError, json.JSONDecodeError, IndexError) as exc:
+        return False, f"probe failed: {exc}"
+
+
+def detect_sandbox() -> Sandbox:
+    """Find which isolation this OS permits; warn about what is missing."""
+    if not sys.platform.startswith("linux"):
+        return Sandbox(False, False, (
+            f"network isolation and PID namespaces need Linux (this is {sys.platform}): "
+            "submissions run with network access",))
+    ok, error = _probe("--isolate-net", "--pid-ns")
+    if ok:
+        return Sandbox(True, True, ())
+    ok_net, error_net = _probe("--isolate-net")
+    if ok_net:
+        return Sandbox(True, False, (f"no PID namespace ({error}); stray processes are killed "
+                                     "by environment marker instead",))
+    ok_pid, _ = _probe("--pid-ns")
+    return Sandbox(False, ok_pid, (
+        f"network isolation is not permitted here ({error_net or error}): submissions run WITH "
+        "network access (in Docker, allow unprivileged user namespaces to enable it)",))
 
 
 def _exec(command: list[str], memory: int | None) -> None:
