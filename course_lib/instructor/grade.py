@@ -2,7 +2,7 @@
 
     course grade SUBMISSIONS_DIR --out GRADEBOOK_DIR [--jobs N] [--timeout SECONDS]
                  [--notebook-timeout SECONDS] [--memory-limit SIZE] [--solutions DIR]
-                 [--notebook NN_name ...]
+                 [--notebook NN_name ...] [--full]
     course grade --demo OUT
 
 This module is the command (its arguments, Ctrl-C / SIGTERM handling and the summary it prints);
@@ -12,6 +12,7 @@ the work is done by
 - :mod:`.grade_students` which students a submissions folder holds (plain or nbgrader layout);
 - :mod:`.grade_batch`    grading every (student, notebook) pair into a gradebook;
 - :mod:`.grade_rebuild`  the notebook that runs, rebuilt from the solution ("never trust");
+- :mod:`.grade_plan`     which of its cells run (only what the checks need, unless --full);
 - :mod:`.grade_run`      one sandboxed nbval run, and its records read into check statuses;
 - :mod:`.grade_sandbox`  the isolation (namespaces, memory limit) and its detection;
 - :mod:`.grade_report`   ``gradebook.csv``, ``gradebook.json`` and ``feedback/``;
@@ -97,6 +98,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="grade only this notebook (repeatable; default: all of them)")
     p.add_argument("--sanitize-with", type=Path, default=None, metavar="CFG",
                    help="nbval sanitizer file (default: nbval_sanitize.cfg next to --solutions)")
+    p.add_argument("--full", action="store_true",
+                   help="run every cell of each notebook; by default the cells tagged "
+                        "course-experiment that no check needs are left out (same scores, "
+                        "much faster)")
     p.set_defaults(func=cmd_grade, grade_parser=p)
     return p
 
@@ -114,7 +119,7 @@ def cmd_grade(args: argparse.Namespace) -> int:
         jobs=args.jobs, cell_timeout=args.timeout, notebook_timeout=args.notebook_timeout,
         memory_limit=args.memory_limit, solutions=args.solutions,
         notebooks=tuple(args.notebooks) if args.notebooks else None,
-        sanitize_with=args.sanitize_with,
+        sanitize_with=args.sanitize_with, full=args.full,
     )
     previous = _sigterm_as_interrupt()
     try:

@@ -44,8 +44,8 @@ def _empty_checks(solution: SolutionNotebook, status: str, message: str) -> dict
 
 def grade_notebook(student: str, student_dir: Path, submissions: Path,
                    solution: SolutionNotebook, settings: RunSettings, memory_text: str,
-                   log_dir: Path | None) -> NotebookGrade:
-    """Grade one student's copy of one notebook. Never raises."""
+                   log_dir: Path | None, full: bool = False) -> NotebookGrade:
+    """Grade one student's copy of one notebook (``full``: every cell runs). Never raises."""
     try:
         path, warnings = locate(student_dir, solution.filename)
         if path is None:
@@ -58,14 +58,14 @@ def grade_notebook(student: str, student_dir: Path, submissions: Path,
         except MalformedNotebook as exc:
             return NotebookGrade(solution.name, "malformed", str(exc), source,
                                  _empty_checks(solution, ERROR, f"not graded: {exc}"), warnings)
-        rebuilt = rebuild(solution, submission)
+        rebuilt = rebuild(solution, submission, full)
         run = run_notebook(rebuilt.nb, solution.filename, settings)
         if log_dir is not None:
             log = log_dir / student / f"{solution.name}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
-            log.write_text(f"$ {' '.join(run.command)}\nexit code: {run.returncode}, "
-                           f"notebook time limit hit: {run.timed_out}\n\n{run.log_tail}",
-                           encoding="utf-8")
+            log.write_text(f"$ {' '.join(run.command)}\ncells: {rebuilt.plan.describe()}\n"
+                           f"exit code: {run.returncode}, notebook time limit hit: "
+                           f"{run.timed_out}\n\n{run.log_tail}", encoding="utf-8")
         result = interpret(solution, run, settings, memory_text)
         return NotebookGrade(solution.name, "graded", "", source, result.checks,
                              warnings + rebuilt.warnings, result.problems, result.cell_errors,
@@ -144,7 +144,7 @@ def grade_submissions(submissions: Path, out: Path, options: GradeOptions) -> Gr
     try:
         futures = {
             pool.submit(grade_notebook, student, root / student, root, sol, settings,
-                        memory_text, out / "logs"): (student, sol)
+                        memory_text, out / "logs", options.full): (student, sol)
             for student, sol in tasks
         }
         for future in as_completed(futures):
@@ -163,6 +163,7 @@ def grade_submissions(submissions: Path, out: Path, options: GradeOptions) -> Gr
             bar.close()
     grades = {s: {sol.name: grades[s][sol.name] for sol in solutions} for s in students}
     run_settings = {
+        "mode": "full" if options.full else "fast",
         "layout": layout,
         "notebooks": [sol.name for sol in solutions],
         "cell_timeout_s": options.cell_timeout,

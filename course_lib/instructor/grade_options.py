@@ -77,6 +77,7 @@ class GradeOptions:
     notebooks: tuple[str, ...] | None = None  # NN_name of the notebooks to grade; None: all
     sanitize_with: Path | None = None  # nbval sanitizer; None: nbval_sanitize.cfg next to solutions
     progress: bool = True  # a progress bar on stderr
+    full: bool = False  # run every cell (True) or only what the checks need (False)
 
     def __post_init__(self) -> None:
         positive_int("jobs", self.jobs)
@@ -87,3 +88,4 @@ class GradeOptions:
         except ValueError as exc:
             raise ValueError(f"memory_limit: {exc}") from None
         check_bool("progress", self.progress)
+        check_bool("full", self.full)

@@ -5,6 +5,9 @@ the *sources* of the student's fill-in cells (matched by ``grade_id``) from the 
 cells stay the authoritative ones, hidden tests and stored ``CHECK <grade_id>: PASS`` output
 included; every other cell is the solution's own. Cells the student added are not run.
 
+Unless ``full`` is asked for, the experiment cells that no cell of the rebuilt notebook (the
+student's fill-ins included) needs are left out (:mod:`course_lib.instructor.grade_plan`).
+
 In the rebuilt copy only check cells are compared by nbval: they keep the solution's stored
 output and an execution count, while every other code cell has no stored output, no execution
 count and the ``nbval-ignore-output`` tag (nbval does not compare such cells, but still reports
@@ -19,6 +22,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from course_lib.instructor.grade_plan import Plan, grading_plan
 from course_lib.instructor.nbio import notebook_paths
 from course_lib.instructor.protocol import (
     MD_SOLUTION_BEGIN,
@@ -242,6 +246,7 @@ class Rebuilt:
     warnings: list[str]
     answers: dict[str, str]
     flags: list[str]
+    plan: Plan  # the code cells that run (indices of the solution notebook's cells)
 
 
 def _safe_gid(cell) -> str | None:
@@ -263,8 +268,9 @@ def _normalise(source: str) -> str:
     return "\n".join(line.rstrip() for line in source.strip().splitlines())
 
 
-def rebuild(solution: SolutionNotebook, submission: dict) -> Rebuilt:
-    """Build the notebook to run from ``solution`` and the fill-in sources of ``submission``."""
+def rebuild(solution: SolutionNotebook, submission: dict, full: bool = False) -> Rebuilt:
+    """Build the notebook to run from ``solution`` and the fill-in sources of ``submission``;
+    with ``full`` every code cell runs, otherwise only those the checks need."""
     warnings: list[str] = []
     by_gid: dict[str, list[tuple[int, dict]]] = {}
     for index, cell in enumerate(submission["cells"]):
@@ -343,10 +349,12 @@ def rebuild(solution: SolutionNotebook, submission: dict) -> Rebuilt:
                     meta["tags"] = [*[t for t in tags if t != "nbval-ignore-output"],
                                     "nbval-ignore-output"]
         cells.append(cell)
+    plan = grading_plan(cells, full)
+    left_out = set(plan.skipped)
     nb = copy.deepcopy({k: v for k, v in solution.nb.items() if k != "cells"})
-    nb["cells"] = cells
+    nb["cells"] = [cell for index, cell in enumerate(cells) if index not in left_out]
     nb.setdefault("metadata", {}).pop("widgets", None)
-    return Rebuilt(nb, warnings, answers, flags)
+    return Rebuilt(nb, warnings, answers, flags, plan)
 
 
 def strip_solution_markers(source: str) -> str:

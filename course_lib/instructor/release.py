@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from course_lib.instructor.grade_plan import plan_problems
 from course_lib.instructor.nbio import (  # re-exported: the public names of course release
     NOTEBOOK_NAME,
     atomic_write,
@@ -22,6 +23,7 @@ from course_lib.instructor.nbio import (  # re-exported: the public names of cou
     notebook_paths,
 )
 from course_lib.instructor.protocol import (
+    EXPERIMENT_TAG,
     HIDDEN_BEGIN,
     HIDDEN_END,
     KERNELSPEC,
@@ -38,6 +40,7 @@ from course_lib.instructor.protocol import (
     is_solution_cell,
     nbgrader_meta,
     replace_blocks,
+    set_tag,
     source_of,
     stub_lines,
 )
@@ -104,6 +107,7 @@ def student_cell(cell: dict, nb_name: str, index: int) -> tuple[dict, list[Probl
     if kind == "code":
         out["outputs"] = []
         out["execution_count"] = None
+    set_tag(out, EXPERIMENT_TAG, False)  # for `course grade`; students need not see it
     out.get("metadata", {}).pop("execution", None)  # nbclient timestamps
     out.get("metadata", {}).pop("collapsed", None)
     out.get("metadata", {}).pop("scrolled", None)
@@ -130,6 +134,7 @@ def release_notebook(nb: dict, nb_name: str) -> tuple[dict, list[Problem]]:
         new_cell, cell_problems = student_cell(cell, nb_name, index)
         problems.extend(cell_problems)
         cells.append(new_cell)
+    problems.extend(plan_problems(nb, nb_name))  # what `course grade` may leave out
     student = {
         "cells": cells,
         "metadata": {"kernelspec": dict(KERNELSPEC), "language_info": {"name": "python"}},
