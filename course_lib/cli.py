@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
         grade = None
     if grade is not None and hasattr(grade, "add_parser"):
         grade.add_parser(sub)
+        from course_lib.instructor import grade_merge
+
+        grade_merge.add_parser(sub)
     return parser
 
 

@@ -2,8 +2,9 @@
 
     course grade SUBMISSIONS_DIR --out GRADEBOOK_DIR [--jobs N] [--timeout SECONDS]
                  [--notebook-timeout SECONDS] [--memory-limit SIZE] [--solutions DIR]
-                 [--notebook NN_name ...] [--full]
+                 [--notebook NN_name ...] [--shard K/N] [--full]
     course grade --demo OUT
+    course gradebook merge SHARD_DIR... --out GRADEBOOK_DIR
 
 This module is the command (its arguments, Ctrl-C / SIGTERM handling and the summary it prints);
 the work is done by
@@ -16,6 +17,8 @@ the work is done by
 - :mod:`.grade_run`      one sandboxed nbval run, and its records read into check statuses;
 - :mod:`.grade_sandbox`  the isolation (namespaces, memory limit) and its detection;
 - :mod:`.grade_report`   ``gradebook.csv``, ``gradebook.json`` and ``feedback/``;
+- :mod:`.grade_merge`    ``course gradebook merge``: the gradebooks of ``--shard`` runs as one;
+- :mod:`.grade_pool`     the warm workers (:mod:`.grade_worker`, :mod:`.grade_kernel`);
 - :mod:`.grade_demo`     the demo class built from the course itself.
 
 The exit status is 0 whenever grading completed, whatever the scores; 2 when grading could not
@@ -51,7 +54,9 @@ from course_lib.instructor.grade_options import (  # noqa: F401
     jobs_arg,
     memory_arg,
     parse_memory,
+    parse_shard,
     seconds_arg,
+    shard_arg,
 )
 from course_lib.instructor.grade_rebuild import GradeSetupError, load_solutions
 from course_lib.instructor.grade_report import fmt
@@ -98,6 +103,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="grade only this notebook (repeatable; default: all of them)")
     p.add_argument("--sanitize-with", type=Path, default=None, metavar="CFG",
                    help="nbval sanitizer file (default: nbval_sanitize.cfg next to --solutions)")
+    p.add_argument("--shard", type=shard_arg, default=None, metavar="K/N",
+                   help="grade only the K-th of N slices of the class (every N-th student from "
+                        "the K-th, in name order); `course gradebook merge` combines the N "
+                        "gradebooks")
     p.add_argument("--full", action="store_true",
                    help="run every cell of each notebook; by default the cells tagged "
                         "course-experiment that no check needs are left out (same scores, "
@@ -112,6 +121,9 @@ def cmd_grade(args: argparse.Namespace) -> int:
         parser.error("give either SUBMISSIONS_DIR or --demo OUT, not both")
     if args.demo is None and args.submissions is None:
         parser.error("SUBMISSIONS_DIR is required (or --demo OUT to grade a demo class)")
+    if args.demo is not None and args.shard is not None:
+        parser.error("--shard needs SUBMISSIONS_DIR: build the demo class once (--demo), then "
+                     "grade OUT/submissions in shards")
     if args.demo is None and args.out is None:
         parser.error("--out GRADEBOOK_DIR is required: the folder for gradebook.csv, "
                      "gradebook.json and feedback/")
@@ -119,7 +131,7 @@ def cmd_grade(args: argparse.Namespace) -> int:
         jobs=args.jobs, cell_timeout=args.timeout, notebook_timeout=args.notebook_timeout,
         memory_limit=args.memory_limit, solutions=args.solutions,
         notebooks=tuple(args.notebooks) if args.notebooks else None,
-        sanitize_with=args.sanitize_with, full=args.full,
+        sanitize_with=args.sanitize_with, full=args.full, shard=args.shard,
     )
     previous = _sigterm_as_interrupt()
     try:
@@ -160,7 +172,7 @@ def _sigterm_as_interrupt():
 
 def _print_summary(result: GradeRun, out: Path) -> None:
     max_total = sum(sol.max_points for sol in result.solutions)
-    width = max(len(s) for s in result.grades)
+    width = max((len(s) for s in result.grades), default=0)
     for student, grades in result.grades.items():
         total = sum(g.score for g in grades.values())
         issues = [f"{name}: {g.status}" for name, g in grades.items() if g.status != "graded"]

@@ -8,7 +8,6 @@ and every check gets a status (passed, failed, error, timeout, missing) and poin
 
 from __future__ import annotations
 
-import shutil
 import sys
 import traceback
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from course_lib.instructor.grade_options import GradeOptions, parse_memory
+from course_lib.instructor.grade_pool import WorkerPool, warm_modules
 from course_lib.instructor.grade_rebuild import (
     GradeSetupError,
     MalformedNotebook,
@@ -24,18 +24,27 @@ from course_lib.instructor.grade_rebuild import (
     read_submission,
     rebuild,
 )
-from course_lib.instructor.grade_report import NotebookGrade, write_gradebook
+from course_lib.instructor.grade_report import (
+    NotebookGrade,
+    check_gradebook_dir,
+    clear_gradebook_dir,
+    write_gradebook,
+)
 from course_lib.instructor.grade_run import (
     ERROR,
     MISSING,
     CheckResult,
     RunSettings,
     interpret,
-    kill_all_running,
     run_notebook,
 )
 from course_lib.instructor.grade_sandbox import detect_sandbox
-from course_lib.instructor.grade_students import find_students, locate, student_root
+from course_lib.instructor.grade_students import (
+    find_students,
+    locate,
+    shard_students,
+    student_root,
+)
 
 
 def _empty_checks(solution: SolutionNotebook, status: str, message: str) -> dict[str, CheckResult]:
@@ -44,8 +53,9 @@ def _empty_checks(solution: SolutionNotebook, status: str, message: str) -> dict
 
 def grade_notebook(student: str, student_dir: Path, submissions: Path,
                    solution: SolutionNotebook, settings: RunSettings, memory_text: str,
-                   log_dir: Path | None, full: bool = False) -> NotebookGrade:
-    """Grade one student's copy of one notebook (``full``: every cell runs). Never raises."""
+                   log_dir: Path | None, workers: WorkerPool, full: bool = False) -> NotebookGrade:
+    """Grade one student's copy of one notebook on one of ``workers`` (``full``: every cell
+    runs). Never raises."""
     try:
         path, warnings = locate(student_dir, solution.filename)
         if path is None:
@@ -59,7 +69,8 @@ def grade_notebook(student: str, student_dir: Path, submissions: Path,
             return NotebookGrade(solution.name, "malformed", str(exc), source,
                                  _empty_checks(solution, ERROR, f"not graded: {exc}"), warnings)
         rebuilt = rebuild(solution, submission, full)
-        run = run_notebook(rebuilt.nb, solution.filename, settings)
+        with workers.lease() as worker:
+            run = run_notebook(rebuilt.nb, solution.filename, settings, worker)
         if log_dir is not None:
             log = log_dir / student / f"{solution.name}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
@@ -92,11 +103,7 @@ def check_out_dir(out: Path, root: Path) -> None:
     if out_r == root_r or root_r in out_r.parents:
         raise GradeSetupError([f"--out: {out} is inside {root}, the folder of student folders; "
                                "it would be taken for a student next time: choose another folder"])
-    if out.exists() and not out.is_dir():
-        raise GradeSetupError([f"--out: {out} exists and is not a folder"])
-    if out.is_dir() and any(out.iterdir()) and not (out / "gradebook.json").exists():
-        raise GradeSetupError([f"--out: {out} is not empty and holds no gradebook.json; choose "
-                               "a new or empty folder (an earlier gradebook folder is replaced)"])
+    check_gradebook_dir(out)
 
 
 def grade_submissions(submissions: Path, out: Path, options: GradeOptions) -> GradeRun:
@@ -106,12 +113,16 @@ def grade_submissions(submissions: Path, out: Path, options: GradeOptions) -> Gr
     if not submissions.is_dir():
         raise GradeSetupError([f"SUBMISSIONS_DIR: folder not found: {submissions}"])
     root, layout = student_root(submissions)
-    students = find_students(root)
-    if not students:
+    everyone = find_students(root)
+    if not everyone:
         raise GradeSetupError([
             f"SUBMISSIONS_DIR: no student folders in {root} (expected "
             f"{submissions}/<student>/NN_name.ipynb or "
             f"{submissions}/submitted/<student>/<assignment>/NN_name.ipynb)"])
+    students, shard = everyone, None
+    if options.shard is not None:
+        students = shard_students(everyone, *options.shard)
+        shard = {"index": options.shard[0], "count": options.shard[1], "class": everyone}
     check_out_dir(out, root)
     memory_bytes = parse_memory(options.memory_limit)
     solutions = load_solutions(options.solutions, list(options.notebooks or []) or None)
@@ -134,17 +145,17 @@ def grade_submissions(submissions: Path, out: Path, options: GradeOptions) -> Gr
                            Path(sanitize).resolve() if sanitize else None)
     memory_text = options.memory_limit if memory_bytes else "none"
 
-    for sub in ("feedback", "logs"):
-        shutil.rmtree(out / sub, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
+    clear_gradebook_dir(out)
     tasks = [(student, sol) for student in students for sol in solutions]
     grades: dict[str, dict[str, NotebookGrade]] = {s: {} for s in students}
+    workers = WorkerPool(min(options.jobs, len(tasks)),
+                         warm_modules([sol.nb for sol in solutions], options.full))
     bar = _progress(len(tasks), options.progress)
     pool = ThreadPoolExecutor(max_workers=options.jobs)
     try:
         futures = {
             pool.submit(grade_notebook, student, root / student, root, sol, settings,
-                        memory_text, out / "logs", options.full): (student, sol)
+                        memory_text, out / "logs", workers, options.full): (student, sol)
             for student, sol in tasks
         }
         for future in as_completed(futures):
@@ -155,10 +166,11 @@ def grade_submissions(submissions: Path, out: Path, options: GradeOptions) -> Gr
                 bar.update(1)
     except BaseException:  # Ctrl-C: stop the running notebooks instead of waiting for them
         pool.shutdown(wait=False, cancel_futures=True)
-        kill_all_running()
+        workers.kill()
         raise
     finally:
         pool.shutdown(wait=True)
+        workers.close()
         if bar is not None:
             bar.close()
     grades = {s: {sol.name: grades[s][sol.name] for sol in solutions} for s in students}
@@ -173,7 +185,7 @@ def grade_submissions(submissions: Path, out: Path, options: GradeOptions) -> Gr
         "pid_namespace": sandbox.pid_ns,
         "sanitizer": Path(sanitize).name if sanitize else None,
     }
-    write_gradebook(out, solutions, grades, run_settings, warnings)
+    write_gradebook(out, solutions, grades, run_settings, warnings, shard)
     return GradeRun(solutions, grades, run_settings, warnings)
 
 

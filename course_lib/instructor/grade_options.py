@@ -23,6 +23,7 @@ MIN_MEMORY = 256 * MiB
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": TiB}
+_SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
 
 def parse_memory(text: str) -> int | None:
@@ -39,12 +40,27 @@ def parse_memory(text: str) -> int | None:
     return value
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"2/5"`` -> ``(2, 5)``: the second of five slices of the class (``1 <= K <= N``)."""
+    match = _SHARD.match(str(text))
+    if not match or not 1 <= int(match.group(1)) <= int(match.group(2)):
+        raise ValueError(f"expected K/N with whole numbers 1 <= K <= N (e.g. 2/5), got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
 def memory_arg(text: str) -> str:
     try:
         parse_memory(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
     return text
+
+
+def shard_arg(text: str) -> tuple[int, int]:
+    try:
+        return parse_shard(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _number_arg(text: str, convert, valid, allowed: str):
@@ -78,6 +94,7 @@ class GradeOptions:
     sanitize_with: Path | None = None  # nbval sanitizer; None: nbval_sanitize.cfg next to solutions
     progress: bool = True  # a progress bar on stderr
     full: bool = False  # run every cell (True) or only what the checks need (False)
+    shard: tuple[int, int] | None = None  # (K, N): grade the K-th of N slices of the class
 
     def __post_init__(self) -> None:
         positive_int("jobs", self.jobs)
@@ -89,3 +106,10 @@ class GradeOptions:
             raise ValueError(f"memory_limit: {exc}") from None
         check_bool("progress", self.progress)
         check_bool("full", self.full)
+        if self.shard is not None:
+            if not (isinstance(self.shard, tuple) and len(self.shard) == 2):
+                raise TypeError(f"shard must be a (K, N) tuple, got {self.shard!r}")
+            index, count = positive_int("shard K", self.shard[0]), positive_int("shard N",
+                                                                                  self.shard[1])
+            if index > count:
+                raise ValueError(f"shard must be (K, N) with 1 <= K <= N, got {self.shard!r}")

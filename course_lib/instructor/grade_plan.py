@@ -57,7 +57,7 @@ class CellNames:
     star: bool = False  # ``from m import *``: it may bind any name
 
 
-def _python_source(source: str) -> str:
+def python_source(source: str) -> str:
     """IPython syntax (``%magic``, ``!shell``) as the Python IPython runs."""
     from IPython.core.inputtransformer2 import TransformerManager
 
@@ -148,7 +148,7 @@ def cell_names(source: str) -> CellNames:
     A cell that does not parse binds and reads nothing: IPython runs none of it.
     """
     try:
-        tree = ast.parse(_python_source(source))
+        tree = ast.parse(python_source(source))
     except SyntaxError:
         return CellNames(frozenset(), frozenset(), frozenset())
     walker = _Walker()

@@ -27,6 +27,13 @@ def find_students(root: Path) -> list[str]:
                   if p.is_dir() and not p.name.startswith((".", "__")))
 
 
+def shard_students(students: list[str], index: int, count: int) -> list[str]:
+    """Slice ``index`` of ``count`` (1-based) of the sorted ``students``: every ``count``-th
+    student from the ``index``-th, so the slices differ in size by one at most, and together
+    hold every student exactly once."""
+    return sorted(students)[index - 1::count]
+
+
 def locate(student_dir: Path, filename: str) -> tuple[Path | None, list[str]]:
     """``<student>/<filename>`` or ``<student>/<assignment>/<filename>`` (nbgrader)."""
     found = [student_dir / filename] if (student_dir / filename).exists() else []
