@@ -12,6 +12,7 @@ LAB_ARGS ?=
 PYTEST_ARGS ?=
 SUBMISSIONS ?= submissions
 GRADEBOOK ?= gradebook
+GRADE_ARGS ?=
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 .PHONY: setup lab test test-unit test-e2e nbval lint release release-check grade grade-demo bench check-python help
@@ -21,7 +22,7 @@ help:
 	@echo "make test     ruff + unit tests + release check + nbval over solutions/"
 	@echo "make test-e2e JupyterLab + widgets in headless Chromium"
 	@echo "make release  regenerate notebooks/ from solutions/"
-	@echo "make grade SUBMISSIONS=dir GRADEBOOK=dir   grade student submissions"
+	@echo "make grade SUBMISSIONS=dir GRADEBOOK=dir [GRADE_ARGS='--jobs 2 --shard 1/4']   grade student submissions"
 	@echo "make grade-demo   grade a demo class built from the course itself"
 	@echo "make bench    print the performance tables"
 
@@ -69,7 +70,7 @@ nbval: setup
 		--nbval-sanitize-with nbval_sanitize.cfg --nbval-cell-timeout=300 $(PYTEST_ARGS)
 
 grade: setup
-	$(BIN)/course grade "$(SUBMISSIONS)" --out "$(GRADEBOOK)"
+	$(BIN)/course grade "$(SUBMISSIONS)" --out "$(GRADEBOOK)" $(GRADE_ARGS)
 
 grade-demo: setup
 	$(BIN)/course grade --demo grade-demo --jobs 2

@@ -128,6 +128,22 @@ def test_a_lost_worker_costs_one_run_and_is_replaced(tmp_path):
     assert marked_processes(worker.marker) == []  # every process of the worker ended with it
 
 
+def test_workers_that_cannot_start_stop_grading_with_the_reason(tmp_path, monkeypatch, capsys):
+    solutions = probe_course(tmp_path)
+    subs = submit(tmp_path, ["a"])
+    shadow = tmp_path / "shadow" / "course_lib"  # a course_lib without the grading worker
+    (shadow / "instructor").mkdir(parents=True)
+    (shadow / "__init__.py").write_text("")
+    (shadow / "instructor" / "__init__.py").write_text("")
+    monkeypatch.setenv("PYTHONPATH", str(shadow.parent))
+    rc = main(["grade", str(subs), "--out", str(tmp_path / "out"), "--solutions", str(solutions)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "the grading worker could not start (its last output: " in err
+    assert "No module named course_lib.instructor.grade_worker" in err
+    assert not (tmp_path / "out" / "gradebook.json").exists()
+
+
 def test_warm_modules_are_the_imports_of_the_cells_grading_runs():
     assert imported_modules("import a.b as c, d\nfrom e.f import g, h\nfrom . import x\n"
                             "def f():\n    import inner") == ["a.b", "d", "e.f:g", "e.f:h"]

@@ -150,6 +150,14 @@ def grade_submissions(submissions: Path, out: Path, options: GradeOptions) -> Gr
     grades: dict[str, dict[str, NotebookGrade]] = {s: {} for s in students}
     workers = WorkerPool(min(options.jobs, len(tasks)),
                          warm_modules([sol.nb for sol in solutions], options.full))
+    try:
+        failures = workers.wait_ready()
+    except BaseException:
+        workers.kill()
+        raise
+    if failures:
+        workers.close()
+        raise GradeSetupError(sorted(set(failures)))
     bar = _progress(len(tasks), options.progress)
     pool = ThreadPoolExecutor(max_workers=options.jobs)
     try:

@@ -144,16 +144,24 @@ class Worker:
             return None
         return json.loads(data) if data else None
 
-    def run(self, request: dict, result_fd: int) -> Outcome:
-        """Run one notebook (``request``: see :mod:`.grade_worker`); ``result_fd`` is the write
-        end of the run's result pipe. Never raises for anything the notebook does."""
+    def wait_ready(self) -> str:
+        """Wait until the worker has imported everything (starting it afresh if it died);
+        returns why it could not start, or ``""``."""
         if self.proc is None or self.proc.poll() is not None or self.sock is None:
             self.kill()
             self._spawn()
         if self.ready is None:
             self.ready = self._receive(READY_TIMEOUT)
             if self.ready is None:
-                return self._lost("the grading worker could not start")
+                return self._lost("the grading worker could not start").lost
+        return ""
+
+    def run(self, request: dict, result_fd: int) -> Outcome:
+        """Run one notebook (``request``: see :mod:`.grade_worker`); ``result_fd`` is the write
+        end of the run's result pipe. Never raises for anything the notebook does."""
+        failure = self.wait_ready()
+        if failure:
+            return Outcome(None, False, failure)
         try:
             socket.send_fds(self.sock, [json.dumps(request).encode()], [result_fd])
         except OSError as exc:
@@ -165,9 +173,9 @@ class Worker:
         return Outcome(reply["returncode"], bool(reply["timed_out"]))
 
     def _lost(self, reason: str) -> Outcome:
-        tail = self.log_tail()
+        last = self.log_tail(1).strip()
         self.kill()
-        return Outcome(None, False, reason + (f"; its last output:\n{tail}" if tail else ""))
+        return Outcome(None, False, reason + (f" (its last output: {last})" if last else ""))
 
     def _close_socket(self) -> None:
         if self.sock is not None:
@@ -210,6 +218,10 @@ class WorkerPool:
             yield worker
         finally:
             self._idle.put(worker)
+
+    def wait_ready(self) -> list[str]:
+        """Wait until every worker has imported everything; returns why some could not start."""
+        return [failure for worker in self.workers if (failure := worker.wait_ready())]
 
     def kill(self) -> None:
         for worker in self.workers:

@@ -32,6 +32,15 @@ import sys
 import time
 import traceback
 
+from course_lib.instructor.grade_kernel import ZYGOTE_OPTION, start_zygote
+from course_lib.instructor.grade_sandbox import (
+    SANDBOX_FAILED,
+    SandboxError,
+    end_run,
+    kill_group,
+    run_isolated,
+)
+
 # Not warmed although a notebook imports them: ipywidgets registers itself with the running
 # kernel when it is imported, so the kernel must import it.
 COLD_MODULES = ("ipywidgets",)
@@ -64,9 +73,6 @@ def _warm_up(modules: list[str]) -> dict:
 
 def _run_pytest(request: dict, result_fd: int) -> int:
     """In the sandbox: the run's environment, the kernel zygote, then pytest + nbval."""
-    from course_lib.instructor.grade_kernel import ZYGOTE_OPTION, start_zygote
-    from course_lib.instructor.grade_sandbox import kill_group
-
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -100,8 +106,6 @@ def _child(request: dict, result_fd: int, control: socket.socket, worker: int) -
         os.dup2(log, 2)
         os.close(log)
         os.close(devnull)
-        from course_lib.instructor.grade_sandbox import SANDBOX_FAILED, SandboxError, run_isolated
-
         try:
             code = run_isolated(lambda: _run_pytest(request, result_fd), request["isolate_net"],
                                 request["pid_ns"], request["memory"], parent=worker)
@@ -118,8 +122,6 @@ def _child(request: dict, result_fd: int, control: socket.socket, worker: int) -
 
 def _serve(request: dict, result_fd: int, control: socket.socket) -> dict:
     """Run one notebook in a forked, sandboxed child; wait for it at most its time limit."""
-    from course_lib.instructor.grade_sandbox import end_run
-
     worker = os.getpid()
     pid = os.fork()
     if pid == 0:
