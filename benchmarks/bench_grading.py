@@ -34,6 +34,7 @@ from course_lib.instructor.grade_demo import class_kinds, write_class
 from course_lib.instructor.grade_options import GradeOptions
 from course_lib.instructor.grade_plan import grading_plan
 from course_lib.instructor.grade_rebuild import load_solutions
+from course_lib.instructor.grade_report import check_scores
 from course_lib.validation import positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,11 +71,6 @@ def timed_grade(subs: Path, out: Path, options: GradeOptions) -> tuple[float, di
     return seconds, json.loads((out / "gradebook.json").read_text(encoding="utf-8"))
 
 
-def scores(data: dict) -> dict:
-    return {(s, nb, gid): (c["status"], c["points"])
-            for s, row in data["students"].items() for nb, g in row["notebooks"].items()
-            for gid, c in g["checks"].items()}
-
 
 def notebook_seconds(out: Path) -> dict[str, float]:
     """Median pytest time per notebook, from the logs (kernel start + the cells that ran)."""
@@ -89,7 +85,7 @@ def notebook_seconds(out: Path) -> dict[str, float]:
 def report(label: str, seconds: float, students: int, data: dict, out: Path) -> None:
     per = seconds / students
     counts: dict[str, int] = {}
-    for status, _ in scores(data).values():
+    for status, _ in check_scores(data).values():
         counts[status] = counts.get(status, 0) + 1
     print(f"{label:<28s} {students:>4d} students  {seconds:8.1f} s  {per:6.1f} s/student  "
           f"100 students <= {per * 100 / 60:5.1f} min")
@@ -124,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             full_s, full = timed_grade(sample, work / "full",
                                        GradeOptions(jobs=args.jobs, full=True, **base))
             report(f"--full, --jobs {args.jobs}", full_s, k, full, work / "full")
-            same = scores(full) == {key: v for key, v in scores(fast).items()
+            same = check_scores(full) == {key: v for key, v in check_scores(fast).items()
                                     if key[0] in full["students"]}
             failures += not same
             print(f"{'':28s} per-check scores equal to the fast mode's: {same}; fast mode "

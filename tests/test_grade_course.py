@@ -19,6 +19,7 @@ from course_lib.cli import main
 from course_lib.instructor.grade_demo import DEMO_STUDENTS, build_demo, write_class
 from course_lib.instructor.grade_plan import mark_experiments
 from course_lib.instructor.grade_rebuild import load_solutions
+from course_lib.instructor.grade_report import check_scores
 from course_lib.instructor.nbio import dumps, load_json_notebook
 
 pytestmark = pytest.mark.slow  # about 4 minutes: it grades the class four times
@@ -60,11 +61,6 @@ def course(tmp_path_factory):
     return {"root": root, "subs": subs, "fast": fast}
 
 
-def scores(data: dict) -> dict:
-    return {(s, nb, gid): (c["status"], c["points"])
-            for s, row in data["students"].items() for nb, g in row["notebooks"].items()
-            for gid, c in g["checks"].items()}
-
 
 def test_the_reference_class_gets_the_expected_totals(course):
     totals = {s: row["total"] for s, row in course["fast"]["students"].items()}
@@ -80,7 +76,7 @@ def test_fast_mode_scores_equal_full_mode(course):
     full = grade(course["subs"], course["root"] / "full", course["root"] / "solutions",
                  "--jobs", "2", "--full")
     assert full["settings"]["mode"] == "full"
-    assert scores(course["fast"]) == scores(full)
+    assert check_scores(course["fast"]) == check_scores(full)
 
 
 @pytest.fixture(scope="module")

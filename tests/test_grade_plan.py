@@ -21,6 +21,7 @@ from course_lib.instructor.grade_plan import (
     plan_problems,
 )
 from course_lib.instructor.grade_rebuild import load_solutions, rebuild
+from course_lib.instructor.grade_report import check_scores
 from course_lib.instructor.nbio import dumps, load_json_notebook, notebook_paths
 from course_lib.instructor.protocol import EXPERIMENT_TAG, is_experiment_cell, set_tag
 from course_lib.instructor.release import release_notebook
@@ -266,16 +267,11 @@ def fast_and_full(tmp_path_factory):
     return root, books
 
 
-def scores(data: dict) -> dict:
-    return {(s, nb, gid): (c["status"], c["points"])
-            for s, row in data["students"].items() for nb, g in row["notebooks"].items()
-            for gid, c in g["checks"].items()}
-
 
 def test_fast_mode_gives_the_scores_of_full_mode(fast_and_full):
     _, books = fast_and_full
     fast, full = books["fast"][0], books["full"][0]
-    assert scores(fast) == scores(full)
+    assert check_scores(fast) == check_scores(full)
     assert fast["settings"]["mode"] == "fast" and full["settings"]["mode"] == "full"
     got = {s: row["total"] for s, row in fast["students"].items()}
     assert got == {"correct": 2, "empty": 0, "uses_offset": 1, "wrong": 0}

@@ -144,10 +144,7 @@ def cmd_grade(args: argparse.Namespace) -> int:
             submissions, out = args.submissions, args.out
         result = grade_submissions(submissions, out, options)
     except GradeSetupError as exc:
-        print("error: grading could not run:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  - {problem}", file=sys.stderr)
-        return 2
+        return exc.report("grading could not run")
     except KeyboardInterrupt:
         print("interrupted: grading stopped, no gradebook was written", file=sys.stderr)
         return 130

@@ -23,6 +23,8 @@ import sys
 import time
 import uuid
 
+from course_lib.instructor.grade_sandbox import default_signals, die_with_parent
+
 ZYGOTE_OPTION = "--course-grade-zygote"  # the pytest option: PID:FD of the zygote
 
 
@@ -44,8 +46,6 @@ def start_zygote(close: tuple[int, ...] = ()) -> tuple[int, int]:
         for fd in close:
             os.close(fd)
         os.setsid()  # its own process group: nbval's interrupts reach the kernel only
-        from course_lib.instructor.grade_sandbox import die_with_parent
-
         die_with_parent()
         chunks = []
         while chunk := os.read(read_fd, 1 << 16):
@@ -71,9 +71,7 @@ def _become_kernel(launch: dict) -> int:
         os.execvpe(argv[0], argv, env)
     if sys.modules.get("rfc3987_syntax", 0) is None:  # kept out of pytest by grade_plugin
         del sys.modules["rfc3987_syntax"]
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    default_signals()
     import ipykernel_launcher
     from ipykernel.kernelapp import IPKernelApp
 

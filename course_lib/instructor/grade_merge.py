@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,10 +159,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     try:
         grades = merge_gradebooks(args.shards, args.out)
     except GradeSetupError as exc:
-        print("error: the shards cannot be merged:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  - {problem}", file=sys.stderr)
-        return 2
+        return exc.report("the shards cannot be merged")
     print(f"merged {len(args.shards)} shards, {len(grades)} students: wrote "
           f"{args.out / 'gradebook.csv'}, {args.out / 'gradebook.json'} and "
           f"{args.out / 'feedback'}/")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +65,13 @@ class GradeSetupError(Exception):
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
+
+    def report(self, heading: str) -> int:
+        """Print ``heading`` and every problem to stderr; returns the exit status, 2."""
+        print(f"error: {heading}:", file=sys.stderr)
+        for problem in self.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
 
 
 class MalformedNotebook(Exception):

@@ -77,6 +77,15 @@ def columns(solutions: list[SolutionNotebook]) -> dict[tuple[str, str], str]:
             else f"{sol.name}:{c.grade_id}" for sol in solutions for c in sol.checks}
 
 
+def check_scores(gradebook: dict) -> dict[tuple[str, str, str], tuple[str, float]]:
+    """(student, notebook, grade_id) -> (status, points) of a ``gradebook.json``'s data: what
+    two ways of grading the same class must agree on."""
+    return {(student, name, gid): (check["status"], check["points"])
+            for student, row in gradebook["students"].items()
+            for name, grade in row["notebooks"].items()
+            for gid, check in grade["checks"].items()}
+
+
 def notes_for(grades: dict[str, NotebookGrade]) -> str:
     """The CSV ``notes`` cell: one short phrase per notebook that needs a look."""
     notes = []

@@ -227,6 +227,13 @@ def die_with_parent() -> None:
         _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+def default_signals() -> None:
+    """Signal handling as a fresh Python has it (a forked process inherits its parent's)."""
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def run_isolated(target: Callable[[], int], isolate_net: bool, pid_ns: bool,
                  memory: int | None, parent: int | None = None) -> int:
     """Run ``target()`` isolated, in this process or a child; returns its exit status.

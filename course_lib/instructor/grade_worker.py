@@ -26,7 +26,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import signal
 import socket
 import sys
 import time
@@ -36,6 +35,7 @@ from course_lib.instructor.grade_kernel import ZYGOTE_OPTION, start_zygote
 from course_lib.instructor.grade_sandbox import (
     SANDBOX_FAILED,
     SandboxError,
+    default_signals,
     end_run,
     kill_group,
     run_isolated,
@@ -96,9 +96,7 @@ def _child(request: dict, result_fd: int, control: socket.socket, worker: int) -
     try:
         control.close()
         os.setsid()  # a process group of its own: the worker kills the run with it
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        default_signals()
         log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
