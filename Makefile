@@ -23,6 +23,7 @@ LAB_ARGS ?=
 PYTEST_ARGS ?=
 SUBMISSIONS ?= submissions
 GRADEBOOK ?= gradebook
+GRADE_ARGS ?=
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 PIP := $(BIN)/python -m pip install --disable-pip-version-check $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 NBVAL := $(BIN)/python -m pytest --nbval --nbval-current-env --nbval-sanitize-with nbval_sanitize.cfg \
@@ -42,7 +43,7 @@ help:
 	@echo "make test-portable   nbval over the training/measuring notebooks on two other floating-point paths"
 	@echo "make time-notebooks  print each solution notebook's nbval wall time (a benchmark)"
 	@echo "make release  regenerate notebooks/ from solutions/"
-	@echo "make grade SUBMISSIONS=dir GRADEBOOK=dir   grade student submissions"
+	@echo "make grade SUBMISSIONS=dir GRADEBOOK=dir [GRADE_ARGS='--jobs 2 --shard 1/4']   grade student submissions"
 	@echo "make grade-demo   grade a demo class built from the course itself"
 	@echo "make bench    print the performance tables"
 	@echo "make setup TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu   CPU-only torch on Linux"
@@ -127,7 +128,7 @@ nbval: setup
 	$(NBVAL) solutions $(PYTEST_ARGS)
 
 grade: setup
-	$(BIN)/course grade "$(SUBMISSIONS)" --out "$(GRADEBOOK)"
+	$(BIN)/course grade "$(SUBMISSIONS)" --out "$(GRADEBOOK)" $(GRADE_ARGS)
 
 grade-demo: setup
 	$(BIN)/course grade --demo grade-demo --jobs 2

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from notebook_fill_ins import run_fill_ins
 from torch import nn
 
 from course_lib.checks.finetuning import (
     check_optimisation_step,
     check_select_trainable_parameters,
 )
-from course_lib.instructor.release import run_fill_ins
 from course_lib.model.tinygpt import lm_loss
 from course_lib.train import split_batch
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from notebook_fill_ins import run_fill_ins
 from torch import nn
 
 from course_lib.checks.lora import (
@@ -17,7 +18,6 @@ from course_lib.checks.lora import (
     check_lora_layer_init,
     check_lora_trainable_params,
 )
-from course_lib.instructor.release import run_fill_ins
 from course_lib.model import lora as ref
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "solutions" / "01_lora.ipynb"

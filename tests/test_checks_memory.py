@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from notebook_fill_ins import run_fill_ins
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -19,7 +20,6 @@ from course_lib.checks.memory import (
     check_micro_batch_loss,
     check_saved_bytes,
 )
-from course_lib.instructor.release import run_fill_ins
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "solutions" / "05_memory_compute_tradeoffs.ipynb"
 FILL_INS = {

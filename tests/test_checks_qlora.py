@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from notebook_fill_ins import run_fill_ins
 
 import course_lib  # noqa: F401  (first: keeps bitsandbytes' hub-kernel warning off stderr)
 from course_lib.checks.qlora import (
@@ -18,7 +19,6 @@ from course_lib.checks.qlora import (
     check_pack_nibbles,
     check_qlora_model,
 )
-from course_lib.instructor.release import run_fill_ins
 from course_lib.model import nf4
 from course_lib.model.lora import LoRAConfig, apply_lora
 from course_lib.model.qlora import QLoRAModel, QuantizationConfig

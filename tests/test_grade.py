@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -21,9 +22,10 @@ import pytest
 from course_lib.cli import main
 from course_lib.instructor.authoring import answer, check, code, md, notebook, solution, write
 from course_lib.instructor.grade import parse_memory
+from course_lib.instructor.grade_demo import student_notebook
 from course_lib.instructor.grade_rebuild import load_solutions, rebuild
-from course_lib.instructor.grade_run import MARKER_ENV
-from course_lib.instructor.release import dumps, release_notebook
+from course_lib.instructor.grade_sandbox import marked_processes
+from course_lib.instructor.release import dumps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,12 +102,7 @@ def student_nb(solutions: Path, name: str, fills: dict[str, str] | None = None,
                edit=None) -> dict:
     """The released notebook with some fill-in sources replaced, optionally edited further."""
     sol = json.loads((solutions / f"{name}.ipynb").read_text(encoding="utf-8"))
-    nb, problems = release_notebook(sol, name)
-    assert not problems
-    for cell in nb["cells"]:
-        gid = cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
-        if fills and gid in fills:
-            cell["source"] = fills[gid]
+    nb = student_notebook(sol, name, fills or {})
     if edit is not None:
         edit(nb)
     return nb
@@ -181,12 +178,13 @@ def make_class(solutions: Path, subs: Path) -> None:
                         "nb01_greet_impl": GOOD_GREET})
     one("infinite_loop", {"nb01_square_impl": "def square(x):\n    while True:\n        pass",
                           "nb01_greet_impl": GOOD_GREET})
+    # one allocation over the limit: MemoryError at once, long before the cell's time limit
     one("memory_bomb", {
-        "nb01_square_impl": "def square(x):\n    hog = [bytearray(2**20) for _ in range(2**20)]\n"
-                            "    return x * x",
+        "nb01_square_impl": "def square(x):\n    hog = bytearray(2 * 2**30)\n    return x * x",
         "nb01_greet_impl": GOOD_GREET})
+    # 2 MB: 20 times what nbval compares (COMPARE_CAP), in well under a second
     one("huge_output", {"nb01_square_impl": GOOD_SQUARE,
-                        "nb01_greet_impl": 'def greet(name):\n    print("spam " * 4_000_000)\n'
+                        "nb01_greet_impl": 'def greet(name):\n    print("spam " * 400_000)\n'
                                            '    return f"Hello, {name}!"'})
 
 
@@ -215,7 +213,10 @@ def tree_hashes(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-GRADE_ARGS = ["--timeout", "5", "--notebook-timeout", "120", "--memory-limit", "1G"]
+# The per-cell limit is far above what any cell but the infinite loop needs, even on a machine
+# busy with other work (they take milliseconds): only that student's check may hit it.
+CELL_TIMEOUT = 10
+GRADE_ARGS = ["--timeout", str(CELL_TIMEOUT), "--notebook-timeout", "180", "--memory-limit", "1G"]
 
 
 @pytest.fixture(scope="module")
@@ -336,7 +337,7 @@ def test_dead_kernel_is_reported_and_later_checks_do_not_run(graded):
 
 def test_infinite_loop_times_out_and_later_checks_still_run(graded):
     nb = _nb(graded, "infinite_loop", "01_basics")
-    assert "per-cell time limit of 5 s" in nb["checks"]["nb01_square"]["message"]
+    assert f"per-cell time limit of {CELL_TIMEOUT} s" in nb["checks"]["nb01_square"]["message"]
     assert nb["checks"]["nb01_greet"]["status"] == "passed"
 
 
@@ -398,15 +399,15 @@ def test_serial_run_gives_identical_results(graded, tmp_path):
             (graded["out"] / "feedback" / name).read_bytes()
 
 
+def own_grading_processes() -> list[int]:
+    """The processes of the grading runs of this test session, and only those: every process of
+    a run carries COURSE_GRADE_RUN=<grader pid>-..., and the grader is this process (another
+    `course grade` on the machine has another PID)."""
+    return marked_processes(f"{os.getpid()}-", prefix=True)
+
+
 def test_no_grading_process_outlives_the_run(graded):
-    leftovers = []
-    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
-        try:
-            if f"{MARKER_ENV}=".encode() in (entry / "environ").read_bytes():
-                leftovers.append(entry.name)
-        except OSError:
-            continue
-    assert leftovers == []
+    assert own_grading_processes() == []
 
 
 # --------------------------------------------------------------------------- other runs
@@ -426,13 +427,13 @@ def test_whole_notebook_timeout_stops_a_loop_that_ignores_interrupts(graded, tmp
     checks = nb["01_basics"]["checks"]
     assert {c["status"] for c in checks.values()} == {"timeout"}
     assert any("whole-notebook time limit of 10 s" in p for p in nb["01_basics"]["problems"])
-    test_no_grading_process_outlives_the_run(graded)
+    assert own_grading_processes() == []
 
 
 def test_nbgrader_layout_and_grading_without_namespaces(graded, tmp_path, monkeypatch, capsys):
     """nbgrader's submitted/<student>/<assignment>/ layout; also where namespaces are refused
     (as in many containers) grading still works and warns that the network is not isolated."""
-    import course_lib.instructor.grade as grade_module
+    import course_lib.instructor.grade_sandbox as grade_module
 
     monkeypatch.setattr(grade_module, "_probe", lambda *flags: (False, "unshare: Operation "
                                                                 "not permitted"))

@@ -254,7 +254,7 @@ def test_real_solutions_leak_nothing_into_student_notebooks():
 
 
 def test_run_fill_ins_runs_solution_or_stub(tmp_path):
-    from course_lib.instructor.release import run_fill_ins
+    from notebook_fill_ins import run_fill_ins
 
     sol, _ = make_course(tmp_path, {"01_demo.ipynb": good_notebook()})
     ns = run_fill_ins(sol / "01_demo.ipynb", ["nb01_thing_impl"], {})

@@ -10,6 +10,9 @@ not inherit it, so code in a submission cannot write fake results into it):
   "skipped", "exception": ..., "message": ..., "timed_out": bool, "kernel_dead": bool,
   "stdout": ..., "stderr": ..., "error": {"ename", "evalue"} | None, "other_outputs": [...]}``.
 
+With ``--course-grade-zygote PID:FD`` nbval's kernel is the pre-forked warm process ``PID``
+(:mod:`course_lib.instructor.grade_kernel`) instead of a fresh Python.
+
 It also makes two of nbval's behaviours fit grading (nbval 0.11):
 
 - a kernel that dies (``os._exit``, a segfault, the OOM killer) is noticed within a second,
@@ -28,6 +31,8 @@ import time
 from queue import Empty
 
 import pytest
+
+from course_lib.instructor.grade_kernel import ZYGOTE_OPTION, use_zygote
 
 # jsonschema (imported by nbformat, imported by nbval) imports ``rfc3987_syntax`` when it is
 # installed, which builds a parser at import time: about a second of CPU in every grading process.
@@ -61,6 +66,8 @@ def cap(text: str, limit: int = RECORD_CAP) -> str:
 def pytest_addoption(parser):
     parser.addoption("--course-grade-fd", type=int, default=None,
                      help="file descriptor to write per-cell JSON results to (course grade)")
+    parser.addoption(ZYGOTE_OPTION, default=None, metavar="PID:FD",
+                     help="start the kernel from this pre-forked warm process (course grade)")
 
 
 class _Recorder:
@@ -85,6 +92,10 @@ def pytest_configure(config):
         return
     _recorder = _Recorder(fd)
     _patch_nbval()
+    zygote = config.getoption(ZYGOTE_OPTION.lstrip("-").replace("-", "_"))
+    if zygote:
+        pid, _, pipe = zygote.partition(":")
+        use_zygote(int(pid), int(pipe))
 
 
 def _patch_nbval() -> None:

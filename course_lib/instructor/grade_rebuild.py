@@ -5,6 +5,9 @@ the *sources* of the student's fill-in cells (matched by ``grade_id``) from the 
 cells stay the authoritative ones, hidden tests and stored ``CHECK <grade_id>: PASS`` output
 included; every other cell is the solution's own. Cells the student added are not run.
 
+Unless ``full`` is asked for, the experiment cells that no cell of the rebuilt notebook (the
+student's fill-ins included) needs are left out (:mod:`course_lib.instructor.grade_plan`).
+
 In the rebuilt copy only check cells are compared by nbval: they keep the solution's stored
 output and an execution count, while every other code cell has no stored output, no execution
 count and the ``nbval-ignore-output`` tag (nbval does not compare such cells, but still reports
@@ -16,9 +19,12 @@ from __future__ import annotations
 import copy
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from course_lib.instructor.grade_plan import Plan, grading_plan
+from course_lib.instructor.nbio import notebook_paths
 from course_lib.instructor.protocol import (
     MD_SOLUTION_BEGIN,
     MD_SOLUTION_END,
@@ -30,7 +36,7 @@ from course_lib.instructor.protocol import (
     points_of,
     source_of,
 )
-from course_lib.instructor.release import NOTEBOOK_NAME, release_notebook, student_cell
+from course_lib.instructor.release import release_notebook, student_cell
 
 MAX_NOTEBOOK_BYTES = 100 * 2**20  # a submitted notebook larger than this is not read
 NBVAL_MARKERS = ("NBVAL_SKIP", "NBVAL_IGNORE_OUTPUT", "NBVAL_RAISES_EXCEPTION",
@@ -59,6 +65,13 @@ class GradeSetupError(Exception):
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
+
+    def report(self, heading: str) -> int:
+        """Print ``heading`` and every problem to stderr; returns the exit status, 2."""
+        print(f"error: {heading}:", file=sys.stderr)
+        for problem in self.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
 
 
 class MalformedNotebook(Exception):
@@ -176,7 +189,7 @@ def load_solutions(solutions_dir: Path, only: list[str] | None = None) -> list[S
     solutions_dir = Path(solutions_dir)
     if not solutions_dir.is_dir():
         raise GradeSetupError([f"--solutions: folder not found: {solutions_dir}"])
-    paths = sorted(p for p in solutions_dir.glob("*.ipynb") if NOTEBOOK_NAME.match(p.name))
+    paths = notebook_paths(solutions_dir)
     if not paths:
         raise GradeSetupError([f"--solutions: no NN_name.ipynb solution notebooks in {solutions_dir}"])
     if only:
@@ -241,6 +254,7 @@ class Rebuilt:
     warnings: list[str]
     answers: dict[str, str]
     flags: list[str]
+    plan: Plan  # the code cells that run (indices of the solution notebook's cells)
 
 
 def _safe_gid(cell) -> str | None:
@@ -262,8 +276,9 @@ def _normalise(source: str) -> str:
     return "\n".join(line.rstrip() for line in source.strip().splitlines())
 
 
-def rebuild(solution: SolutionNotebook, submission: dict) -> Rebuilt:
-    """Build the notebook to run from ``solution`` and the fill-in sources of ``submission``."""
+def rebuild(solution: SolutionNotebook, submission: dict, full: bool = False) -> Rebuilt:
+    """Build the notebook to run from ``solution`` and the fill-in sources of ``submission``;
+    with ``full`` every code cell runs, otherwise only those the checks need."""
     warnings: list[str] = []
     by_gid: dict[str, list[tuple[int, dict]]] = {}
     for index, cell in enumerate(submission["cells"]):
@@ -342,10 +357,12 @@ def rebuild(solution: SolutionNotebook, submission: dict) -> Rebuilt:
                     meta["tags"] = [*[t for t in tags if t != "nbval-ignore-output"],
                                     "nbval-ignore-output"]
         cells.append(cell)
+    plan = grading_plan(cells, full)
+    left_out = set(plan.skipped)
     nb = copy.deepcopy({k: v for k, v in solution.nb.items() if k != "cells"})
-    nb["cells"] = cells
+    nb["cells"] = [cell for index, cell in enumerate(cells) if index not in left_out]
     nb.setdefault("metadata", {}).pop("widgets", None)
-    return Rebuilt(nb, warnings, answers, flags)
+    return Rebuilt(nb, warnings, answers, flags, plan)
 
 
 def strip_solution_markers(source: str) -> str:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from course_lib.instructor.grade_rebuild import SolutionNotebook
+from course_lib.instructor.grade_rebuild import GradeSetupError, SolutionNotebook
 from course_lib.instructor.grade_run import PASSED, CheckResult
-from course_lib.instructor.release import atomic_write
+from course_lib.instructor.nbio import atomic_write
 
 FORMAT_VERSION = 1
 
@@ -42,6 +43,14 @@ class NotebookGrade:
     def max_points(self) -> float:
         return sum(c.max_points for c in self.checks.values())
 
+    @classmethod
+    def from_json(cls, notebook: str, data: dict) -> NotebookGrade:
+        """The grade :meth:`to_json` wrote (``course gradebook merge`` reads shards back)."""
+        return cls(notebook, data["status"], data["reason"], data["source"],
+                   {gid: CheckResult.from_json(c) for gid, c in data["checks"].items()},
+                   data["warnings"], data["problems"], data["cell_errors"],
+                   data["review_flags"], data["answers"])
+
     def to_json(self) -> dict:
         return {
             "status": self.status, "reason": self.reason, "source": self.source,
@@ -66,6 +75,15 @@ def columns(solutions: list[SolutionNotebook]) -> dict[tuple[str, str], str]:
             counts[check.grade_id] = counts.get(check.grade_id, 0) + 1
     return {(sol.name, c.grade_id): c.grade_id if counts[c.grade_id] == 1
             else f"{sol.name}:{c.grade_id}" for sol in solutions for c in sol.checks}
+
+
+def check_scores(gradebook: dict) -> dict[tuple[str, str, str], tuple[str, float]]:
+    """(student, notebook, grade_id) -> (status, points) of a ``gradebook.json``'s data: what
+    two ways of grading the same class must agree on."""
+    return {(student, name, gid): (check["status"], check["points"])
+            for student, row in gradebook["students"].items()
+            for name, grade in row["notebooks"].items()
+            for gid, check in grade["checks"].items()}
 
 
 def notes_for(grades: dict[str, NotebookGrade]) -> str:
@@ -111,7 +129,7 @@ def gradebook_csv(solutions: list[SolutionNotebook],
 
 def gradebook_json(solutions: list[SolutionNotebook],
                    grades: dict[str, dict[str, NotebookGrade]], settings: dict,
-                   warnings: list[str]) -> str:
+                   warnings: list[str], shard: dict | None = None) -> str:
     max_total = sum(sol.max_points for sol in solutions)
     data = {
         "format": FORMAT_VERSION,
@@ -132,6 +150,8 @@ def gradebook_json(solutions: list[SolutionNotebook],
             for student in sorted(grades)
         },
     }
+    if shard is not None:  # {"index": K, "count": N, "class": [every student of the class]}
+        data["shard"] = shard
     return json.dumps(data, indent=1, sort_keys=False, ensure_ascii=False) + "\n"
 
 
@@ -185,12 +205,33 @@ def feedback_markdown(student: str, solutions: list[SolutionNotebook],
     return text
 
 
+def check_gradebook_dir(out: Path) -> None:
+    """``out`` may receive a gradebook: a new or empty folder, or an earlier gradebook's."""
+    if out.exists() and not out.is_dir():
+        raise GradeSetupError([f"--out: {out} exists and is not a folder"])
+    if out.is_dir() and any(out.iterdir()) and not (out / "gradebook.json").exists():
+        raise GradeSetupError([f"--out: {out} is not empty and holds no gradebook.json; choose "
+                               "a new or empty folder (an earlier gradebook folder is replaced)"])
+
+
+def clear_gradebook_dir(out: Path) -> None:
+    """Remove an earlier gradebook's feedback/ and logs/ (its files are replaced on writing)."""
+    for sub in ("feedback", "logs"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
 def write_gradebook(out: Path, solutions: list[SolutionNotebook],
                     grades: dict[str, dict[str, NotebookGrade]], settings: dict,
-                    warnings: list[str]) -> None:
+                    warnings: list[str], shard: dict | None = None) -> None:
+    """``gradebook.csv``, ``gradebook.json`` and ``feedback/<student>.md`` in ``out``.
+
+    ``solutions`` need only ``name``, ``checks`` (``grade_id``, ``points``) and ``max_points``.
+    """
     out = Path(out)
     atomic_write(out / "gradebook.csv", gradebook_csv(solutions, grades), newline="")
-    atomic_write(out / "gradebook.json", gradebook_json(solutions, grades, settings, warnings))
+    atomic_write(out / "gradebook.json",
+                 gradebook_json(solutions, grades, settings, warnings, shard))
     for student in sorted(grades):
         atomic_write(out / "feedback" / f"{student}.md",
                       feedback_markdown(student, solutions, grades[student]))

@@ -1,11 +1,12 @@
 """Run one rebuilt notebook under nbval in an isolated subprocess, and read the check results.
 
-Each run gets a fresh temporary directory (the kernel's working directory holds only the
-notebook), the course's notebook environment (:data:`~course_lib.instructor.execute.NOTEBOOK_ENV`),
-a fresh ``IPYTHONDIR`` (no instructor start-up scripts), nbval's per-cell timeout, a
-whole-notebook timeout, a memory limit and, where the OS permits, no network and its own PID
-namespace (:mod:`course_lib.instructor.grade_sandbox`). Per-cell results come back through a pipe
-from :mod:`course_lib.instructor.grade_plugin`.
+Each run is forked by a warm grading worker (:mod:`course_lib.instructor.grade_pool`) and gets
+a fresh temporary directory (the kernel's working directory holds only the notebook), the
+course's notebook environment (:data:`~course_lib.instructor.execute.NOTEBOOK_ENV`), a fresh
+``IPYTHONDIR`` (no instructor start-up scripts), nbval's per-cell timeout, a whole-notebook
+timeout, a memory limit and, where the OS permits, no network and its own PID namespace
+(:mod:`course_lib.instructor.grade_sandbox`). Per-cell results come back through a pipe from
+:mod:`course_lib.instructor.grade_plugin`.
 """
 
 from __future__ import annotations
@@ -13,26 +14,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from course_lib.instructor.execute import NOTEBOOK_ENV
+from course_lib.instructor.grade_pool import Worker, grading_environment
 from course_lib.instructor.grade_rebuild import SolutionNotebook, success_line
-from course_lib.instructor.grade_sandbox import SANDBOX_FAILED
-from course_lib.instructor.release import dumps
+from course_lib.instructor.grade_sandbox import MARKER_ENV, SANDBOX_FAILED  # noqa: F401
+from course_lib.instructor.nbio import dumps
 
-MARKER_ENV = "COURSE_GRADE_RUN"
 LOG_TAIL_BYTES = 64 * 1024
-# Environment variables that would let the instructor's shell change how pytest runs.
-_DROPPED_ENV = ("PYTEST_ADDOPTS", "PYTEST_PLUGINS", "PYTHONSTARTUP", "PYTHONINSPECT",
-                "JUPYTER_PATH", "JUPYTER_CONFIG_DIR", "IPYTHONDIR", "COV_CORE_SOURCE")
 
 
 @dataclass(frozen=True)
@@ -53,85 +46,22 @@ class RunResult:
     timed_out: bool
     log_tail: str
     command: list[str] = field(default_factory=list)
+    lost: str = ""  # why the grading worker was lost during this run, if it was
 
 
-def _pytest_command(nb_path: Path, ini: Path, fd: int, settings: RunSettings) -> list[str]:
-    cmd = [sys.executable, "-m", "course_lib.instructor.grade_sandbox", "--parent", str(os.getpid())]
-    if settings.isolate_net:
-        cmd.append("--isolate-net")
-    if settings.pid_ns:
-        cmd.append("--pid-ns")
-    if settings.memory_limit:
-        cmd += ["--memory", str(settings.memory_limit)]
-    cmd += [
-        "--", sys.executable, "-m", "pytest", str(nb_path),
+def _pytest_args(nb_path: Path, ini: Path, settings: RunSettings) -> list[str]:
+    args = [
+        str(nb_path),
         "-c", str(ini), "--rootdir", str(nb_path.parent), "--confcutdir", str(nb_path.parent),
         "-p", "course_lib.instructor.grade_plugin", "-p", "nbval.plugin",
         "-p", "no:cacheprovider", "-q", "--tb=no", "--color=no",
-        "--course-grade-fd", str(fd),
         "--nbval", "--nbval-current-env",
         f"--nbval-cell-timeout={settings.cell_timeout:g}",
         f"--nbval-kernel-startup-timeout={settings.kernel_startup_timeout:g}",
     ]
     if settings.sanitize_with is not None:
-        cmd += ["--nbval-sanitize-with", str(settings.sanitize_with)]
-    return cmd
-
-
-def _environment(tmp: Path, marker: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
-    env.update(NOTEBOOK_ENV)
-    env.update({
-        "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
-        "IPYTHONDIR": str(tmp / "ipython"),
-        "JUPYTER_RUNTIME_DIR": str(tmp / "runtime"),
-        "PYTHONDONTWRITEBYTECODE": "1",
-        MARKER_ENV: marker,
-    })
-    return env
-
-
-_RUNNING: dict[str, subprocess.Popen] = {}  # marker -> grading process, for kill_all_running
-_RUNNING_LOCK = threading.Lock()
-
-
-def _kill_run(proc: subprocess.Popen, marker: str) -> None:
-    for _ in range(2):  # the kernel may fork while we kill: sweep twice
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        _kill_marked(marker)
-
-
-def kill_all_running() -> None:
-    """Kill every grading process still running (used when the instructor interrupts)."""
-    with _RUNNING_LOCK:
-        running = list(_RUNNING.items())
-    for marker, proc in running:
-        _kill_run(proc, marker)
-
-
-def _kill_marked(marker: str) -> None:
-    """SIGKILL every process whose environment carries ``marker`` (kernels run in their own
-    session, so killing the process group of pytest does not reach them)."""
-    needle = f"{MARKER_ENV}={marker}".encode()
-    proc = Path("/proc")
-    if not proc.is_dir():  # pragma: no cover - non-Linux: rely on the process group
-        return
-    me = os.getpid()
-    for entry in proc.iterdir():
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if needle in environ.split(b"\0"):
-            try:
-                os.kill(int(entry.name), signal.SIGKILL)
-            except OSError:
-                pass
+        args += ["--nbval-sanitize-with", str(settings.sanitize_with)]
+    return args
 
 
 def _read_records(fd: int, sink: list[dict]) -> None:
@@ -158,9 +88,9 @@ def _tail(path: Path) -> str:
     return (f"[… first {size - LOG_TAIL_BYTES:,} bytes cut …]\n" if size > LOG_TAIL_BYTES else "") + text
 
 
-def run_notebook(nb: dict, filename: str, settings: RunSettings) -> RunResult:
-    """Run the rebuilt notebook ``nb`` (written as ``filename``) under nbval; never raises for
-    anything the notebook does."""
+def run_notebook(nb: dict, filename: str, settings: RunSettings, worker: Worker) -> RunResult:
+    """Run the rebuilt notebook ``nb`` (written as ``filename``) under nbval, in a sandboxed
+    process forked by the warm ``worker``; never raises for anything the notebook does."""
     tmp = Path(tempfile.mkdtemp(prefix="course-grade-"))
     try:
         work = tmp / "work"
@@ -169,40 +99,29 @@ def run_notebook(nb: dict, filename: str, settings: RunSettings) -> RunResult:
         nb_path.write_text(dumps(nb), encoding="utf-8")
         ini = tmp / "pytest.ini"
         ini.write_text("[pytest]\naddopts =\n", encoding="utf-8")
-        read_fd, write_fd = os.pipe()
-        marker = secrets.token_hex(8)
-        cmd = _pytest_command(nb_path, ini, write_fd, settings)
-        records: list[dict] = []
-        reader = threading.Thread(target=_read_records, args=(read_fd, records), daemon=True)
         log_path = tmp / "pytest.log"
-        timed_out = False
-        with open(log_path, "wb") as log:
-            try:
-                proc = subprocess.Popen(
-                    cmd, cwd=work, env=_environment(tmp, marker), stdin=subprocess.DEVNULL,
-                    stdout=log, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
-                    start_new_session=True,
-                )
-            except BaseException:
-                os.close(write_fd)
-                os.close(read_fd)
-                raise
-            os.close(write_fd)
-            with _RUNNING_LOCK:
-                _RUNNING[marker] = proc
-            reader.start()
-            try:
-                proc.wait(timeout=settings.notebook_timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                _kill_run(proc, marker)
-                proc.wait()
-                with _RUNNING_LOCK:
-                    _RUNNING.pop(marker, None)
-            reader.join(timeout=30)
-        return RunResult(records, None if timed_out else proc.returncode, timed_out,
-                         _tail(log_path), cmd)
+        args = _pytest_args(nb_path, ini, settings)
+        request = {
+            "args": args, "cwd": str(work), "log": str(log_path),
+            "env": grading_environment(worker.marker, IPYTHONDIR=str(tmp / "ipython"),
+                                       JUPYTER_RUNTIME_DIR=str(tmp / "runtime")),
+            "isolate_net": settings.isolate_net, "pid_ns": settings.pid_ns,
+            "memory": settings.memory_limit, "timeout": settings.notebook_timeout,
+        }
+        records: list[dict] = []
+        read_fd, write_fd = os.pipe()
+        reader = threading.Thread(target=_read_records, args=(read_fd, records), daemon=True)
+        reader.start()
+        try:
+            outcome = worker.run(request, write_fd)
+        finally:
+            os.close(write_fd)  # the run holds its own copy; EOF once it is over
+        reader.join(timeout=30)
+        limits = [f"net isolated: {settings.isolate_net}", f"PID namespace: {settings.pid_ns}",
+                  f"memory: {settings.memory_limit or 'unlimited'}"]
+        command = ["pytest", *args, f"(in warm worker {worker.marker}; {', '.join(limits)})"]
+        return RunResult(records, outcome.returncode, outcome.timed_out,
+                         _tail(log_path) or outcome.lost, command, outcome.lost)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -224,6 +143,10 @@ class CheckResult:
     def to_json(self) -> dict:
         return {"status": self.status, "points": self.points, "max_points": self.max_points,
                 "message": self.message}
+
+    @classmethod
+    def from_json(cls, data: dict) -> CheckResult:
+        return cls(data["status"], data["points"], data["max_points"], data["message"])
 
 
 @dataclass
@@ -327,6 +250,9 @@ def interpret(solution: SolutionNotebook, run: RunResult, settings: RunSettings,
         reason = next((line for line in run.log_tail.splitlines()
                        if line.startswith("course-grade-sandbox:")), "")
         problems.append(f"the sandbox could not start ({reason or 'see the log'})")
+    elif run.lost:
+        problems.append(f"the grading process stopped unexpectedly: {_first_line(run.lost)}; "
+                        "see the log of this notebook")
     elif not run.records or (running and setup_failure is None and first_death is None):
         problems.append(f"the grading process stopped unexpectedly (exit code {run.returncode}); "
                         "see the log of this notebook")

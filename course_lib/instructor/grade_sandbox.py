@@ -1,6 +1,8 @@
 """Process sandbox for ``course grade``: no network, own PID namespace, memory limit, then exec.
 
-Run as ``python -m course_lib.instructor.grade_sandbox [options] -- COMMAND ...``. It
+:func:`run_isolated` isolates a Python function (the warm grading worker runs each notebook
+that way, :mod:`course_lib.instructor.grade_worker`); as a command,
+``python -m course_lib.instructor.grade_sandbox [options] -- COMMAND ...``, it
 
 1. with ``--isolate-net`` and/or ``--pid-ns``, enters a new user namespace (mapping the caller's
    uid/gid to themselves, so files keep their owners) plus a network namespace, in which only
@@ -11,9 +13,10 @@ Run as ``python -m course_lib.instructor.grade_sandbox [options] -- COMMAND ...`
 3. replaces itself with ``COMMAND``.
 
 ``--probe`` tries the requested isolation, opens a loopback TCP connection inside it, and prints
-one JSON object saying what works, so that the grader can degrade with a warning on systems where
-unprivileged namespaces are not permitted (many containers). A real run that asks for isolation
-it cannot get exits with :data:`SANDBOX_FAILED` and a message rather than running unisolated.
+one JSON object saying what works; :func:`detect_sandbox` runs the probes, so that the grader can
+degrade with a warning on systems where unprivileged namespaces are not permitted (many
+containers). A real run that asks for isolation it cannot get exits with :data:`SANDBOX_FAILED`
+and a message rather than running unisolated.
 
 Namespaces are Linux-only; elsewhere only the memory limit applies.
 """
@@ -30,9 +33,16 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 SANDBOX_FAILED = 97
+# Every process of a grading run carries COURSE_GRADE_RUN=<marker> in its environment, the
+# marker starting with the grader's PID: ``<grader pid>-<random>``.
+MARKER_ENV = "COURSE_GRADE_RUN"
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
@@ -173,34 +183,83 @@ def probe(isolate_net: bool, pid_ns: bool) -> dict:
         return {"ok": False, "error": "probe died"}
 
 
-def _exec(command: list[str], memory: int | None) -> None:
-    apply_memory_limit(memory)
-    os.execvp(command[0], command)
+@dataclass(frozen=True)
+class Sandbox:
+    """The isolation this machine permits, and what the grader warns about."""
+
+    isolate_net: bool
+    pid_ns: bool
+    warnings: tuple[str, ...]
 
 
-def _die_with_parent() -> None:
-    """SIGKILL this process when the grader that started it dies (kept across exec)."""
+def _probe(*flags: str) -> tuple[bool, str]:
+    cmd = [sys.executable, "-m", "course_lib.instructor.grade_sandbox", "--probe", *flags]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+        return bool(report.get("ok")), str(report.get("error") or "")
+    except (OSError, subprocess.SubprocessError, json.JSONDecodeError, IndexError) as exc:
+        return False, f"probe failed: {exc}"
+
+
+def detect_sandbox() -> Sandbox:
+    """Find which isolation this OS permits; warn about what is missing."""
+    if not sys.platform.startswith("linux"):
+        return Sandbox(False, False, (
+            f"network isolation and PID namespaces need Linux (this is {sys.platform}): "
+            "submissions run with network access",))
+    ok, error = _probe("--isolate-net", "--pid-ns")
+    if ok:
+        return Sandbox(True, True, ())
+    ok_net, error_net = _probe("--isolate-net")
+    if ok_net:
+        return Sandbox(True, False, (f"no PID namespace ({error}); stray processes are killed "
+                                     "by environment marker instead",))
+    ok_pid, _ = _probe("--pid-ns")
+    return Sandbox(False, ok_pid, (
+        f"network isolation is not permitted here ({error_net or error}): submissions run WITH "
+        "network access (in Docker, allow unprivileged user namespaces to enable it)",))
+
+
+def die_with_parent() -> None:
+    """SIGKILL this process when the process that started it dies (kept across exec)."""
     if sys.platform.startswith("linux"):
         _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def run(command: list[str], isolate_net: bool, pid_ns: bool, memory: int | None,
-        parent: int | None = None) -> int:
-    _die_with_parent()
-    if parent is not None and os.getppid() != parent:  # the grader died before that took effect
+def default_signals() -> None:
+    """Signal handling as a fresh Python has it (a forked process inherits its parent's)."""
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def run_isolated(target: Callable[[], int], isolate_net: bool, pid_ns: bool,
+                 memory: int | None, parent: int | None = None) -> int:
+    """Run ``target()`` isolated, in this process or a child; returns its exit status.
+
+    In order: die with the parent (``parent``: its PID, checked, so a parent that is already
+    gone is noticed), enter the namespaces, and in a new PID namespace fork the process that
+    runs ``target`` as its PID 1 (when PID 1 exits, the kernel kills everything else in the
+    namespace); there, set the memory limit, then call ``target``. Nothing runs ``target``'s
+    code before all of that is in place. ``target`` may also replace the process (exec).
+    """
+    die_with_parent()
+    if parent is not None and os.getppid() != parent:  # the parent died before that took effect
         return SANDBOX_FAILED
     enter_namespaces(isolate_net, pid_ns)
     if not pid_ns:
-        _exec(command, memory)
-    # In a new PID namespace only our children are inside it: fork the command as its PID 1.
-    # When PID 1 exits, the kernel kills everything else in the namespace.
+        apply_memory_limit(memory)
+        return target()
     child = os.fork()
     if child == 0:
-        _die_with_parent()
+        code = 127
         try:
-            _exec(command, memory)
+            die_with_parent()
+            apply_memory_limit(memory)
+            code = target()
         finally:
-            os._exit(127)
+            os._exit(code)
 
     def forward(signum, _frame):
         try:
@@ -217,6 +276,54 @@ def run(command: list[str], isolate_net: bool, pid_ns: bool, memory: int | None,
         except InterruptedError:  # pragma: no cover - PEP 475 retries for us
             continue
     return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+
+def marked_processes(marker: str, prefix: bool = False) -> list[int]:
+    """The processes (but this one) whose environment carries ``MARKER_ENV=marker`` (with
+    ``prefix``: a marker that starts with ``marker``, e.g. all of one grader's runs)."""
+    needle = f"{MARKER_ENV}={marker}".encode()
+    proc = Path("/proc")
+    if not proc.is_dir():  # pragma: no cover - non-Linux: rely on the process group
+        return []
+    me, found = os.getpid(), []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(var.startswith(needle) if prefix else var == needle for var in environ):
+            found.append(int(entry.name))
+    return found
+
+
+def _sigkill(send: Callable[[int, int], None], target: int) -> None:
+    try:
+        send(target, signal.SIGKILL)
+    except OSError:  # gone already
+        pass
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL the process group ``pgid`` (nothing if it is gone)."""
+    _sigkill(os.killpg, pgid)
+
+
+def end_run(pgid: int | None, marker: str) -> None:
+    """SIGKILL the process group ``pgid`` and every process carrying ``marker``: the second line
+    of defence after the PID namespace, and the only one without it (a kernel runs in a session
+    of its own, out of reach of its parent's group). Twice: a process may fork while we kill."""
+    for _ in range(2):
+        if pgid is not None:
+            kill_group(pgid)
+        for pid in marked_processes(marker):
+            _sigkill(os.kill, pid)
+
+
+def _exec(command: list[str]) -> int:
+    os.execvp(command[0], command)
+    return 127  # pragma: no cover - execvp does not return
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     if not command:
         parser.error("a COMMAND is required after --")
     try:
-        return run(command, args.isolate_net, args.pid_ns, args.memory, args.parent)
+        return run_isolated(lambda: _exec(command), args.isolate_net, args.pid_ns, args.memory,
+                            args.parent)
     except SandboxError as exc:
         print(f"course-grade-sandbox: {exc}", file=sys.stderr)
         return SANDBOX_FAILED

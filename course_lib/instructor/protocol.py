@@ -8,6 +8,9 @@
   ``### END HIDDEN TESTS`` blocks that the release strips.
 - Markdown answer: markdown cell with ``solution: true`` and a
   ``<!-- BEGIN SOLUTION -->`` … ``<!-- END SOLUTION -->`` block.
+- Experiment cell: a code cell tagged ``course-experiment`` (``metadata.tags``) that only
+  demonstrates or experiments; ``course grade`` leaves it out unless ``--full``
+  (:mod:`course_lib.instructor.grade_plan`). The release removes the tag.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ MD_SOLUTION_END = "<!-- END SOLUTION -->"
 
 STUB_COMMENT = "# YOUR CODE HERE"
 MD_ANSWER_PLACEHOLDER = "**YOUR ANSWER HERE** (在这里写下你的答案 / write your answer here)"
+
+EXPERIMENT_TAG = "course-experiment"
 
 KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
 
@@ -93,6 +98,25 @@ def points_of(cell: Any) -> float:
         return float(nbgrader_meta(cell).get("points", 0) or 0)
     except (TypeError, ValueError):
         return 0.0
+
+
+def is_experiment_cell(cell: Any) -> bool:
+    tags = cell.get("metadata", {}).get("tags")
+    return isinstance(tags, list) and EXPERIMENT_TAG in tags
+
+
+def set_tag(cell: dict, tag: str, on: bool) -> None:
+    """Add or remove ``tag`` in ``metadata.tags``, leaving the metadata as it was when the tag
+    is already as asked (a ``tags`` list that becomes empty is removed)."""
+    meta = cell.setdefault("metadata", {})
+    tags = meta.get("tags") if isinstance(meta.get("tags"), list) else []
+    if (tag in tags) == on:
+        return
+    tags = [*tags, tag] if on else [t for t in tags if t != tag]
+    if tags:
+        meta["tags"] = tags
+    else:
+        meta.pop("tags", None)
 
 
 def replace_blocks(

@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from course_lib.instructor.grade_plan import plan_problems
+from course_lib.instructor.nbio import (  # re-exported: the public names of course release
+    NOTEBOOK_NAME,
+    atomic_write,
+    dumps,
+    load_json_notebook,
+    notebook_paths,
+)
 from course_lib.instructor.protocol import (
+    EXPERIMENT_TAG,
     HIDDEN_BEGIN,
     HIDDEN_END,
     KERNELSPEC,
@@ -34,11 +40,13 @@ from course_lib.instructor.protocol import (
     is_solution_cell,
     nbgrader_meta,
     replace_blocks,
+    set_tag,
     source_of,
     stub_lines,
 )
 
-NOTEBOOK_NAME = re.compile(r"^\d\d_[A-Za-z0-9_]+\.ipynb$")
+__all__ = ["NOTEBOOK_NAME", "ReleaseReport", "atomic_write", "build_release", "dumps",
+           "load_json_notebook", "release", "release_notebook", "student_cell"]
 
 
 def _set_source(cell: dict, text: str) -> None:
@@ -99,6 +107,7 @@ def student_cell(cell: dict, nb_name: str, index: int) -> tuple[dict, list[Probl
     if kind == "code":
         out["outputs"] = []
         out["execution_count"] = None
+    set_tag(out, EXPERIMENT_TAG, False)  # for `course grade`; students need not see it
     out.get("metadata", {}).pop("execution", None)  # nbclient timestamps
     out.get("metadata", {}).pop("collapsed", None)
     out.get("metadata", {}).pop("scrolled", None)
@@ -125,6 +134,7 @@ def release_notebook(nb: dict, nb_name: str) -> tuple[dict, list[Problem]]:
         new_cell, cell_problems = student_cell(cell, nb_name, index)
         problems.extend(cell_problems)
         cells.append(new_cell)
+    problems.extend(plan_problems(nb, nb_name))  # what `course grade` may leave out
     student = {
         "cells": cells,
         "metadata": {"kernelspec": dict(KERNELSPEC), "language_info": {"name": "python"}},
@@ -132,11 +142,6 @@ def release_notebook(nb: dict, nb_name: str) -> tuple[dict, list[Problem]]:
         "nbformat_minor": max(int(nb.get("nbformat_minor", 5)), 5),
     }
     return student, problems
-
-
-def dumps(nb: dict) -> str:
-    """Stable, byte-identical serialisation (the format nbformat and Jupyter use)."""
-    return json.dumps(nb, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
 
 
 @dataclass
@@ -152,11 +157,6 @@ class ReleaseReport:
         return not (self.stale or self.missing or self.extra)
 
 
-def load_json_notebook(path: Path) -> dict:
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
-
-
 def build_release(solutions_dir: Path) -> dict[str, str]:
     """Map of notebook file name -> student notebook text, or raise :class:`ProtocolError`."""
     solutions_dir = Path(solutions_dir)
@@ -164,7 +164,7 @@ def build_release(solutions_dir: Path) -> dict[str, str]:
         raise FileNotFoundError(f"solutions directory not found: {solutions_dir}")
     problems: list[Problem] = []
     outputs: dict[str, str] = {}
-    paths = sorted(p for p in solutions_dir.glob("*.ipynb") if NOTEBOOK_NAME.match(p.name))
+    paths = notebook_paths(solutions_dir)
     if not paths:
         raise FileNotFoundError(f"no NN_name.ipynb notebooks in {solutions_dir}")
     for path in paths:
@@ -180,22 +180,6 @@ def build_release(solutions_dir: Path) -> dict[str, str]:
     if problems:
         raise ProtocolError(problems)
     return outputs
-
-
-def atomic_write(path: Path, text: str, newline: str = "\n") -> None:
-    """Write ``text`` to ``path`` through a temporary file, so a reader never sees half a file.
-
-    ``newline`` is passed to ``open`` (``""`` keeps the ``\\r\\n`` the csv module writes).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def release(solutions_dir: Path, notebooks_dir: Path, check: bool = False) -> ReleaseReport:
@@ -223,27 +207,3 @@ def release(solutions_dir: Path, notebooks_dir: Path, check: bool = False) -> Re
             atomic_write(target, outputs[target.name])
             report.written.append(target)
     return report
-
-
-def run_fill_ins(
-    notebook: Path, grade_ids: list[str] | tuple[str, ...], namespace: dict, released: bool = False
-) -> dict:
-    """Execute the fill-in cells ``grade_ids`` of a solution notebook in ``namespace``.
-
-    With ``released=True`` the cells run as students first see them (the release's stubs), so a
-    test can check that each check function fails usefully on the stub and passes on the
-    solution, always following the notebook as it is. Returns ``namespace``.
-    """
-    notebook = Path(notebook)
-    nb = load_json_notebook(notebook)
-    cells = {grade_id_of(cell): (index, cell) for index, cell in enumerate(nb["cells"])}
-    for grade_id in grade_ids:
-        if grade_id not in cells:
-            raise LookupError(f"{notebook.name} has no cell with grade_id {grade_id!r}")
-        index, cell = cells[grade_id]
-        if released:
-            cell, problems = student_cell(cell, notebook.name, index)
-            if problems:
-                raise ProtocolError(problems)
-        exec(compile(source_of(cell), f"<{notebook.name}:{grade_id}>", "exec"), namespace)
-    return namespace
