@@ -26,7 +26,7 @@ from torch import nn
 
 from course_lib.data import TOKENIZER, Batch, CharTokenizer, Example, iterate_batches
 from course_lib.model.tinygpt import lm_loss
-from course_lib.utils import params
+from course_lib.utils.params import count_parameters
 from course_lib.validation import (
     check_bool,
     check_choice,
@@ -151,12 +151,6 @@ def logits_of(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters with ``requires_grad=True`` (what the optimiser updates)."""
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
-    """Number of (trainable, by default) parameters of ``model``: the course's one counter,
-    :func:`course_lib.utils.params.count_parameters`, with ``trainable_only=True`` by default."""
-    return params.count_parameters(model, trainable_only)
 
 
 def split_batch(batch: Batch, n: int) -> list[Batch]:
@@ -362,7 +356,7 @@ def train(
     optimizer = make_optimizer(model, config)
     history = TrainHistory(
         trainable_params=count_parameters(model, trainable_only=True),
-        total_params=count_parameters(model, trainable_only=False),
+        total_params=count_parameters(model),
         config=asdict(config),
     )
     val = list(val_examples)[: config.eval_examples] if val_examples else None

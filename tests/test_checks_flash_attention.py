@@ -83,7 +83,7 @@ def test_update_check_keeps_the_global_random_state():
 @pytest.mark.parametrize(
     "fn,match",
     [
-        (update_stub, "not implemented yet"),
+        (update_stub, "is not filled in yet"),
         (update_no_rescale, "neither the old sum ell nor the old output o was rescaled"),
         (update_rescale_l_only, r"the old output o was not rescaled \(ell was\)"),
         (update_rescale_o_only, r"the old sum ell was not rescaled \(o was\)"),
@@ -193,7 +193,7 @@ def _last_block_dropped(q, k, v, block_size=32, causal=False):
 @pytest.mark.parametrize(
     "fn,match",
     [
-        (tiled_stub, "not implemented yet"),
+        (tiled_stub, "is not filled in yet"),
         (make_tiled(scale=False), "not scaled"),
         (make_tiled(normalise=False), "not normalised"),
         (make_tiled(causal_mask=False, skip_blocks=False), "causal mask is ignored"),

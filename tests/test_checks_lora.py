@@ -73,7 +73,7 @@ def test_checks_do_not_change_the_global_random_state(solution):
 
 
 # ---------------------------------------------------------------------------------------------
-# the released stub fails with the "not implemented yet" message
+# the released stub fails with the "is not filled in yet" message
 # ---------------------------------------------------------------------------------------------
 
 
@@ -89,8 +89,8 @@ def test_stub_fails_with_not_implemented_message(stub, capsys, check, name, grad
     with pytest.raises(AssertionError) as info:
         check(stub[name])
     message = str(info.value)
-    assert f"{what} is not implemented yet" in message
-    assert f"Fill-in '{grade_id}' is not done yet" in message
+    assert f"{what} is not filled in yet" in message
+    assert "then run this cell again" in message
     assert capsys.readouterr().out == ""
 
 
@@ -100,14 +100,14 @@ def test_forward_stub_alone_is_reported_as_forward(solution, stub):
     class Half(solution["LoRALayer"]):
         forward = stub["LoRALayer"].forward
 
-    with pytest.raises(AssertionError, match="LoRALayer.forward is not implemented yet"):
+    with pytest.raises(AssertionError, match="LoRALayer.forward is not filled in yet"):
         check_lora_layer_forward(Half)
     check_lora_layer_init(Half)  # __init__ is fine
 
     class HalfLinear(solution["LinearWithLoRA"]):
         forward = stub["LinearWithLoRA"].forward
 
-    with pytest.raises(AssertionError, match="LinearWithLoRA.forward is not implemented yet"):
+    with pytest.raises(AssertionError, match="LinearWithLoRA.forward is not filled in yet"):
         check_linear_with_lora(HalfLinear)
 
 

@@ -101,7 +101,7 @@ def test_checks_do_not_change_the_global_random_state(solution):
 
 
 # ---------------------------------------------------------------------------------------------
-# the released stub fails with the "not implemented yet" message
+# the released stub fails with the "is not filled in yet" message
 # ---------------------------------------------------------------------------------------------
 
 
@@ -123,7 +123,7 @@ def test_stub_fails_with_not_implemented_message(stub, capsys, check, name, grad
     with pytest.raises(AssertionError) as info:
         check(stub[name])
     message = str(info.value)
-    assert f"{what} is not implemented yet" in message
+    assert f"{what} is not filled in yet" in message
     assert capsys.readouterr().out == ""
 
 

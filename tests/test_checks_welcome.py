@@ -17,7 +17,7 @@ def test_param_count_passes_on_solution(capsys):
 @pytest.mark.parametrize(
     ("fn", "hint"),
     [
-        (stub, "not implemented yet (NotImplementedError: Fill-in 'nb00_param_count_impl'"),
+        (stub, "lora_param_count(d, k, r) is not filled in yet: fill in lora_param_count above"),
         (lambda d, k, r: d * k, "that is the full weight's size"),
         (lambda d, k, r: r * d * k, "expected 65536"),
         (lambda d, k, r: None, "forget the `return`"),
@@ -38,7 +38,7 @@ def test_savings_passes_on_solution(capsys):
 @pytest.mark.parametrize(
     ("fn", "hint"),
     [
-        (stub, "not implemented yet"),
+        (stub, "is not filled in yet"),
         (lambda d, k, r: r * (d + k) / (d * k), "the inverse of the expected"),
         (lambda d, k, r: d * k // (r * (d + k)), "integer division"),
         (lambda d, k, r: "256", "should return a number"),

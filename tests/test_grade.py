@@ -472,7 +472,7 @@ def test_demo_on_the_real_course(tmp_path):
     data = json.loads((out / "gradebook" / "gradebook.json").read_text())
     assert data["settings"]["sanitizer"] == "nbval_sanitize.cfg"
     empty = data["students"]["demo_empty"]["notebooks"]["00_welcome"]["checks"]
-    assert "not implemented yet" in empty["nb00_param_count"]["message"]
+    assert "is not filled in yet" in empty["nb00_param_count"]["message"]
 
 
 # --------------------------------------------------------------------------- rebuild (no kernel)

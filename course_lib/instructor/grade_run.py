@@ -316,7 +316,7 @@ def _check_status(gid, index, record, run, settings, first_timeout, first_death,
                   f"{settings.cell_timeout:g} s and was interrupted; then ")
     if error:
         ename, evalue = error.get("ename", ""), error.get("evalue", "")
-        if ename == "AssertionError":
+        if ename in ("AssertionError", "CheckFailure"):  # CheckFailure: course_lib.checks
             message = evalue.strip() or "an assertion failed (no message)"
             return (TIMEOUT if earlier_timeout else FAILED), prefix + message
         if ename == "NotImplementedError":  # a fill-in still holding the release stub

@@ -85,7 +85,9 @@ def test_unfilled_fill_in_shows_not_implemented(open_notebook, notebook):
     check = next((i for i in range(fill_in + 1, len(cells)) if is_check_cell(cells[i])), None)
     assert check is not None, f"{notebook}: no check cell after the fill-in {grade_id!r}"
     nb: NotebookPage = open_notebook(notebook)
-    message = f"Fill-in '{grade_id}' is not done yet"
+    # the check cell says so in one line (course_lib.checks.core.call_student), without a
+    # traceback; a fill-in whose stub runs at the top level raises the stub's own message
+    messages = ("is not filled in yet", f"Fill-in '{grade_id}' is not done yet")
     for i in range(check + 1):
         if cells[i]["cell_type"] != "code":
             continue
@@ -93,14 +95,14 @@ def test_unfilled_fill_in_shows_not_implemented(open_notebook, notebook):
         if state["stderr"]:
             error = "\n".join(state["stderr"])
             assert i in (fill_in, check), f"cell {i}, before the first fill-in, failed:\n{error}"
-            assert "NotImplementedError" in error and message in error, (
-                f"cell {i} failed without the fill-in message {message!r}:\n{error}"
+            assert any(m in error for m in messages), (
+                f"cell {i} failed without the fill-in message {messages}:\n{error}"
             )
             nb.screenshot("fill-in-message", nb.cell_locator(i))
             return
     raise nb.fail(
         f"ran cells 0..{check} (fill-in {grade_id!r} at {fill_in}, its check at {check}) "
-        "and none showed the NotImplementedError message"
+        "and none showed the fill-in message"
     )
 
 
