@@ -21,6 +21,10 @@ LAB_OVERRIDES := jupyter/lab/settings/overrides.d/course_lib.json
 LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings/overrides.d
 LAB_ARGS ?=
 PYTEST_ARGS ?=
+# make test's pytest workers (pytest-xdist): each test module and each notebook stays on one worker
+# (--dist loadscope, which nbval needs: a notebook's cells run in order in one kernel). 2 suits the
+# 2-core machines the course is built for; TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
 SUBMISSIONS ?= submissions
 GRADEBOOK ?= gradebook
 GRADE_ARGS ?=
@@ -88,7 +92,7 @@ release-check: setup
 test: setup
 	@$(BIN)/ruff check . || { echo "error: ruff found problems (see above)" >&2; exit 1; }
 	@$(BIN)/course release --check || { echo "error: notebooks/ is stale; run 'make release'" >&2; exit 1; }
-	$(NBVAL) tests solutions $(PYTEST_ARGS)
+	$(NBVAL) $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope) tests solutions $(PYTEST_ARGS)
 
 test-unit: setup
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
