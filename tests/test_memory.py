@@ -109,6 +109,25 @@ def test_bitsandbytes_adamw8bit_state_measured_equals_formula():
     assert measured < optimizer_state_bytes_fp32(model)
 
 
+def test_adamw8bit_formula_follows_bitsandbytes_min_8bit_size():
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 37))
+    opt = bnb.optim.AdamW8bit(model.parameters(), lr=1e-3, min_8bit_size=128)
+    model(torch.randn(4, 64)).sum().backward()
+    opt.step()
+    sizes = [64 * 128, 128, 128 * 37, 37]
+    measured = optimizer_state_bytes(opt)
+    assert measured == adamw_state_bytes(sizes, "adamw8bit", min_8bit_size=128)
+    assert measured != adamw_state_bytes(sizes, "adamw8bit")
+    # a smaller block size means more absmax constants (one fp32 per block and state)
+    assert adamw_state_bytes([4096], "adamw8bit", blocksize=64) == (
+        2 * 4096 + 8 * 64 + 2 * 256 * 4
+    )
+    with pytest.raises(ValueError, match="blocksize"):
+        adamw_state_bytes([4096], "adamw8bit", blocksize=0)
+
+
 def optimizer_state_bytes_fp32(model: nn.Module) -> int:
     opt = torch.optim.AdamW(model.parameters())
     opt.step()

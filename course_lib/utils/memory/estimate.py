@@ -248,7 +248,13 @@ def quantized_weight_bytes(
     return codes, blocks + 4 * (-(-blocks // dq_blocksize)) + 4
 
 
-def adamw_state_bytes(numels: Iterable[int], optimizer: str = "adamw") -> int:
+def adamw_state_bytes(
+    numels: Iterable[int],
+    optimizer: str = "adamw",
+    *,
+    min_8bit_size: int = ADAMW8BIT_MIN_SIZE,
+    blocksize: int = ADAMW8BIT_BLOCKSIZE,
+) -> int:
     """Optimiser-state bytes for trainable tensors of the given sizes.
 
     - ``"adamw"``: two fp32 moments (8 bytes per element) and a 0-d fp32 ``step`` per tensor,
@@ -258,10 +264,14 @@ def adamw_state_bytes(numels: Iterable[int], optimizer: str = "adamw") -> int:
       :data:`ADAMW8BIT_MIN_SIZE` elements keep two uint8 states (2 bytes per element) and two
       fp32 absmax per block of :data:`ADAMW8BIT_BLOCKSIZE`; smaller tensors keep fp32 states;
       the two 256-entry quantisation maps exist once; ``step`` is a Python int.
+      ``min_8bit_size`` and ``blocksize`` change that threshold and the block size (as
+      bitsandbytes' ``min_8bit_size`` argument does).
     - ``"sgd"``: plain SGD without momentum keeps nothing.
     """
     check_choice("optimizer", optimizer, OPTIMIZERS)
     sizes = [positive_int("numel", n) for n in numels]
+    positive_int("min_8bit_size", min_8bit_size)
+    positive_int("blocksize", blocksize)
     if optimizer == "sgd":
         return 0
     if optimizer == "adamw":
@@ -269,9 +279,9 @@ def adamw_state_bytes(numels: Iterable[int], optimizer: str = "adamw") -> int:
     total = 0
     any_8bit = False
     for n in sizes:
-        if n >= ADAMW8BIT_MIN_SIZE:
+        if n >= min_8bit_size:
             any_8bit = True
-            total += 2 * n + 2 * 4 * (-(-n // ADAMW8BIT_BLOCKSIZE))
+            total += 2 * n + 2 * 4 * (-(-n // blocksize))
         else:
             total += 8 * n
     return total + (_QMAP_BYTES if any_8bit else 0)
