@@ -333,7 +333,7 @@ def check_lora_layer_forward(cls: type) -> None:
             layer.eval()
             x = torch.randn(*lead, in_f)
             what = f"{case}.forward(x) on x of shape {tuple(x.shape)}"
-            out = _forward(layer, x, what)
+            out = _forward(layer, x, "LoRALayer.forward")
             expect(
                 tuple(out.shape) == (*lead, out_f),
                 f"{what} returned shape {tuple(out.shape)}, expected {(*lead, out_f)} = "
@@ -345,7 +345,7 @@ def check_lora_layer_forward(cls: type) -> None:
                 "return only the LoRA branch scaling · B A x, not add x or anything else.",
             )
             _set_factors(A, B, seed=1 + seed)
-            got = _forward(layer, x, what)
+            got = _forward(layer, x, "LoRALayer.forward")
             want = _reference_update(A.detach(), B.detach(), r, alpha, x)
             _diagnose_update(got.detach(), want, scaling, alpha, what)
             got.pow(2).sum().backward()
