@@ -12,7 +12,11 @@ import torch
 from notebook_fill_ins import run_fill_ins
 from torch import nn
 
+import course_lib.model.lora as lora_lib
+import course_lib.train as train_lib
+from course_lib.checks.core import CheckFailure
 from course_lib.checks.finetuning import (
+    VARIANTS,
     check_optimisation_step,
     check_select_trainable_parameters,
 )
@@ -175,7 +179,7 @@ def _step(mode="tokens", zero=True, clip=True, step=True, as_tensor=False):
         (_step(clip=False), "not clipped"),
         (_step(mode="mean_of_means"), "pitfall 5"),
         (_step(mode="micro_tokens"), "unscaled"),
-        (_step(mode="zero_inside"), "differently from one optimiser step"),
+        (_step(mode="zero_inside"), "inside the micro-batch loop"),
     ],
 )
 def test_optimisation_step_mistakes(fn, hint, capsys):
@@ -194,3 +198,92 @@ def test_optimisation_step_accepts_a_tensor_loss_but_not_none(capsys):
 
     with pytest.raises(AssertionError, match="returned None"):
         check_optimisation_step(returns_none)
+
+
+# ---------------------------------------------------------------------------------------------
+# order mistakes, hard-coded arguments and delegation (issue 14)
+# ---------------------------------------------------------------------------------------------
+
+
+def _custom_step(*, zero_at="start", step_in_loop=False, split=True, clip_norm=None,
+                 keep_graph=False):
+    def fn(model, optimizer, batch, grad_accum_steps=1, max_grad_norm=None):
+        if zero_at == "start":
+            optimizer.zero_grad()
+        total = 0.0
+        for mb in split_batch(batch, grad_accum_steps if split else 1):
+            logits = model(mb.inputs)
+            loss = lm_loss(logits, mb.targets, mb.mask, reduction="sum") / batch.n_tokens
+            loss.backward()
+            total = total + (loss if keep_graph else loss.item())
+            if step_in_loop:
+                optimizer.step()
+        norm = clip_norm if clip_norm is not None else max_grad_norm
+        if max_grad_norm is not None:
+            nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], norm)
+        if zero_at == "before_step":
+            optimizer.zero_grad()
+        if not step_in_loop:
+            optimizer.step()
+        if zero_at == "end":
+            optimizer.zero_grad()
+        return total
+
+    return fn
+
+
+@pytest.mark.parametrize("fn, says", [
+    (_custom_step(zero_at="before_step"), "zeroed after the backward passes, before "
+                                          "optimizer.step()"),
+    (_custom_step(zero_at="end"), "or it comes after optimizer.step()"),
+    (_custom_step(step_in_loop=True), "optimizer.step() runs inside the micro-batch loop"),
+    (_custom_step(split=False), "not split into micro-batches"),
+    (_custom_step(clip_norm=1.0), "hard-coded"),
+    (_custom_step(keep_graph=True), "holds the autograd graph"),
+    (lambda model, opt, batch, n=1, norm=None: train_lib.train_step(model, opt, batch, n, norm),
+     "write it instead of calling course_lib.train.train_step"),
+    (lambda model, opt, batch, n=1, norm=None: train_lib.accumulate_gradients(
+        model, split_batch(batch, n)),
+     "write it instead of calling course_lib.train.accumulate_gradients"),
+])
+def test_optimisation_step_names_the_mistake(fn, says, capsys):
+    with pytest.raises(CheckFailure) as info:
+        check_optimisation_step(fn)
+    assert says in str(info.value)
+    assert capsys.readouterr().out == ""
+
+
+def test_select_trainable_refuses_the_library():
+    def delegate(model):
+        lora_lib.mark_only_lora_as_trainable(model)
+        return [p for p in model.parameters() if p.requires_grad]
+
+    with pytest.raises(CheckFailure, match="course_lib.model.lora.mark_only_lora_as_trainable"):
+        check_select_trainable_parameters(delegate)
+
+
+def test_select_trainable_order_and_extras():
+    def a_then_b(model):
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora_" in name)
+        named = list(model.named_parameters())
+        return ([p for n, p in named if n.endswith("lora_A")]
+                + [p for n, p in named if n.endswith("lora_B")])
+
+    with pytest.raises(CheckFailure, match="in another order"):
+        check_select_trainable_parameters(a_then_b)
+
+    def everything(model):
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora_" in name)
+        return list(model.parameters())
+
+    with pytest.raises(CheckFailure, match="also holds parameters that are not LoRA"):
+        check_select_trainable_parameters(everything)
+
+
+def test_every_fill_in_lists_mistakes_and_delegation():
+    for fill_in in FILL_INS:
+        says = [v.says for v in VARIANTS if v.fill_in == fill_in and v.is_mistake]
+        assert len(says) >= 5
+        assert any("the check runs your own implementation" in s for s in says)

@@ -12,6 +12,7 @@ import torch
 from notebook_fill_ins import run_fill_ins
 from torch import nn
 
+from course_lib.checks.core import CheckFailure
 from course_lib.checks.lora import (
     check_linear_with_lora,
     check_lora_layer_forward,
@@ -56,11 +57,45 @@ def test_solution_passes_every_check(solution, capsys):
     )
 
 
-def test_library_classes_pass_too(capsys):
-    check_lora_layer_init(ref.LoRALayer)
-    check_lora_layer_forward(ref.LoRALayer)
-    check_linear_with_lora(ref.LinearWithLoRA)
-    assert capsys.readouterr().out.count("PASS") == 3
+@pytest.mark.parametrize(("check", "cls", "name"), [
+    (check_lora_layer_init, ref.LoRALayer, "course_lib.model.lora.LoRALayer"),
+    (check_lora_layer_forward, ref.LoRALayer, "course_lib.model.lora.LoRALayer"),
+    (check_linear_with_lora, ref.LinearWithLoRA, "course_lib.model.lora.LinearWithLoRA"),
+])
+def test_library_classes_are_refused(check, cls, name, capsys):
+    """Handing in course_lib's class (or a subclass of it) is not the student's own work."""
+
+    class Sub(cls):
+        pass
+
+    for student in (cls, Sub):
+        with pytest.raises(CheckFailure) as info:
+            check(student)
+        assert (f"the check runs your own implementation: write it instead of calling {name}"
+                in str(info.value))
+    assert capsys.readouterr().out == ""
+
+
+def test_delegating_inside_the_student_code_is_refused(solution):
+    def count(shapes, r):
+        return sum(ref.lora_parameter_count(d, k, r) for d, k in shapes)
+
+    with pytest.raises(CheckFailure, match="course_lib.model.lora.lora_parameter_count"):
+        check_lora_trainable_params(count)
+
+    class Wrapper(nn.Module):
+        def __init__(self, base_layer, r=8, lora_alpha=16, lora_dropout=0.0):
+            super().__init__()
+            self.base_layer = base_layer.requires_grad_(False)
+            self.lora = ref.LoRALayer(base_layer.in_features, base_layer.out_features, r,
+                                      lora_alpha, lora_dropout)
+
+        def forward(self, x):
+            return self.base_layer(x) + self.lora(x)
+
+    with pytest.raises(CheckFailure, match="course_lib.model.lora.LoRALayer"):
+        check_linear_with_lora(Wrapper)
+    assert ref.LoRALayer(4, 4, r=2).lora_A.shape == (2, 4)  # the guard is lifted afterwards
 
 
 def test_checks_do_not_change_the_global_random_state(solution):
@@ -268,7 +303,7 @@ def test_forward_mistakes(forward, match, capsys):
 
 def test_forward_without_dropout_fails():
     forward = FORWARD_MISTAKES[-1][0]
-    with pytest.raises(AssertionError, match="lora_dropout=0.5 in training mode"):
+    with pytest.raises(AssertionError, match="the dropout is missing"):
         check_lora_layer_forward(_variant(forward=forward))
 
 
@@ -387,3 +422,79 @@ def test_forward_that_modifies_the_base_is_caught():
 
     with pytest.raises(AssertionError):
         check_linear_with_lora(_linear_variant(forward=forward))
+
+
+# ---------------------------------------------------------------------------------------------
+# dropout: on the wrong tensor, at the wrong rate (issue 14)
+# ---------------------------------------------------------------------------------------------
+
+
+def _drop_init(make):
+    def init(self, i, o, r, a):
+        self.lora_dropout = make(self.lora_dropout.p)
+    return init
+
+
+DROPOUT_MISTAKES = [
+    (None, lambda self, x: self.lora_dropout(x @ self.lora_A.T @ self.lora_B.T * self.scaling),
+     "acts on the output"),
+    (None, lambda self, x: self.lora_dropout(x @ self.lora_A.T) @ self.lora_B.T * self.scaling,
+     r"acts on x @ lora_A.T"),
+    (None, lambda self, x: x @ self.lora_dropout(self.lora_A).T @ self.lora_B.T * self.scaling,
+     "the same dropout mask"),
+    (_drop_init(lambda p: nn.Dropout(1 - p)), None, "keep probability 1 - lora_dropout"),
+    (_drop_init(lambda p: nn.Dropout()), None, "default p = 0.5"),
+    (_drop_init(lambda p: nn.Dropout(p / 2)), None, "with the rate you were given"),
+    (None, lambda self, x: (x * (torch.rand_like(x) >= self.lora_dropout.p) if self.training
+                            else x) @ self.lora_A.T @ self.lora_B.T * self.scaling,
+     "must also rescale"),
+]
+
+
+@pytest.mark.parametrize(("init", "forward", "match"), DROPOUT_MISTAKES)
+def test_dropout_mistakes_are_named(init, forward, match, capsys):
+    with pytest.raises(CheckFailure, match=match):
+        check_lora_layer_forward(_variant(init=init, forward=forward))
+    assert capsys.readouterr().out == ""
+
+
+def test_a_hand_made_inverted_dropout_passes(capsys):
+    def forward(self, x):
+        p = self.lora_dropout.p
+        if self.training and p > 0:
+            x = x * (torch.rand_like(x) >= p) / (1 - p)
+        return self.scaling * torch.nn.functional.linear(
+            torch.nn.functional.linear(x, self.lora_A), self.lora_B)
+
+    check_lora_layer_forward(_variant(forward=forward))
+    assert capsys.readouterr().out == "CHECK nb01_lora_forward: PASS\n"
+
+
+def test_a_missing_transpose_is_explained():
+    with pytest.raises(CheckFailure, match="needs a transpose"):
+        check_lora_layer_forward(_variant(forward=lambda self, x: x @ self.lora_A @ self.lora_B))
+
+
+@pytest.mark.parametrize(("make", "match"), [
+    (lambda b, r, a, p: GoodLoRA(b.in_features, b.out_features), "the rank was not passed on"),
+    (lambda b, r, a, p: GoodLoRA(b.in_features, b.out_features, r), "lora_alpha was not passed"),
+    (lambda b, r, a, p: GoodLoRA(b.in_features, b.out_features, r, a),
+     "lora_dropout was not passed"),
+])
+def test_linear_arguments_not_passed_on(make, match):
+    class Linear(GoodLinear):
+        def __init__(self, base_layer, r=8, lora_alpha=16, lora_dropout=0.0):
+            super().__init__(base_layer, r, lora_alpha, lora_dropout)
+            self.lora = make(base_layer, r, lora_alpha, lora_dropout)
+
+    with pytest.raises(CheckFailure, match=match):
+        check_linear_with_lora(Linear)
+
+
+def test_every_fill_in_lists_mistakes_and_delegation():
+    from course_lib.checks.lora import VARIANTS
+
+    for fill_in in ("nb01_param_count_impl", "nb01_lora_layer_impl", "nb01_linear_with_lora_impl"):
+        says = [v.says for v in VARIANTS if v.fill_in == fill_in and v.is_mistake]
+        assert len(says) >= 5
+        assert any("the check runs your own implementation" in s for s in says)
