@@ -322,7 +322,7 @@ def _pack_hint(codes: torch.Tensor, got: torch.Tensor) -> str:
     if torch.equal(got, lo) or torch.equal(got, ((hi << 4) & 0xF) | lo):
         return ("the high nibble is lost: masking with 0xF after the shift (or keeping only "
                 "codes[1::2]) clears it; `& 0xF` belongs to unpacking, not packing")
-    if torch.equal(got, hi & 0xF) or torch.equal(got, hi):
+    if torch.equal(got, hi) or torch.equal(got, (hi << 4) & 0xFF):
         return "only the even-indexed codes are stored; the low nibble holds codes[1::2]"
     if codes.dim() > 1:
         rows = codes.long()
