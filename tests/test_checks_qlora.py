@@ -158,8 +158,10 @@ def test_stub_fails_with_not_implemented_message(stub, capsys, check, name, grad
 
 
 def test_qlora_model_stub_fails(stub, capsys):
-    with pytest.raises(NotImplementedError, match="nb03_qlora_model_impl"):
-        stub["build_qlora_model"](TinyGPT(SMALL))
+    with pytest.raises(AssertionError) as info:
+        check_qlora_model(stub["build_qlora_model"], lambda: TinyGPT(SMALL))
+    assert ("build_qlora_model(base) is not filled in yet: fill in build_qlora_model above, then "
+            "run this cell again.") in str(info.value)
     with pytest.raises(AssertionError, match="is None: did you forget the `return`"):
         check_qlora_model(None)
     assert capsys.readouterr().out == ""
@@ -354,6 +356,14 @@ def _qlora(lora=None, **qkw) -> QLoRAModel:
     torch.manual_seed(0)
     qkw = {"backend": "torch", "bnb_4bit_use_double_quant": True, **qkw}
     return QLoRAModel(TinyGPT(SMALL), QuantizationConfig(**qkw), lora or LoRAConfig(r=8))
+
+
+def test_the_builder_is_run_on_a_fresh_base(solution, capsys):
+    check_qlora_model(solution["build_qlora_model"], lambda: TinyGPT(SMALL))
+    assert capsys.readouterr().out == "CHECK nb03_qlora_model: PASS\n"
+    demo = _qlora().prepare_for_training()
+    with pytest.raises(AssertionError, match="does not wrap the `base` model it was given"):
+        check_qlora_model(lambda base: demo, lambda: TinyGPT(SMALL))
 
 
 def test_the_bitsandbytes_model_passes(capsys):

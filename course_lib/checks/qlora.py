@@ -27,7 +27,7 @@ from course_lib.checks import call_student, check, expect, fail
 from course_lib.checks.variants import BLOCK, alternative, mistake
 from course_lib.model import nf4 as ref
 from course_lib.model.lora import LinearWithLoRA
-from course_lib.model.qlora import NF4Linear, QLoRAModel, _quantized_types
+from course_lib.model.qlora import NF4Linear, QLoRAModel, _quantized_types, bitsandbytes_available
 
 __all__ = [
     "check_blockwise_absmax_scale",
@@ -51,8 +51,10 @@ _nf4_midpoints = ref.nf4_midpoints
 
 _NF4 = "course_lib.model.nf4."
 _BNB = "bitsandbytes.functional."
-_QUANTISERS = (_NF4 + "quantize_nf4", _NF4 + "quantize_blockwise_8bit", _BNB + "quantize_4bit",
-               _BNB + "quantize_nf4", _BNB + "quantize_blockwise")
+_QUANTISERS = (_NF4 + "quantize_nf4", _NF4 + "quantize_blockwise_8bit") + (
+    (_BNB + "quantize_4bit", _BNB + "quantize_nf4", _BNB + "quantize_blockwise")
+    if bitsandbytes_available() else ()
+)
 _ABSMAX_FORBID = (_NF4 + "blockwise_absmax", _NF4 + "_scale_blocks", *_QUANTISERS)
 _NEAREST_FORBID = (_NF4 + "nearest_level", *_QUANTISERS)
 _PACK_FORBID = (_NF4 + "pack_nibbles", *_QUANTISERS)
@@ -539,10 +541,18 @@ def _layer_quantisation(layer: nn.Module) -> tuple[str, bool, int, torch.dtype]:
 
 
 @check("nb03_qlora_model")
-def check_qlora_model(model: Any) -> None:
+def check_qlora_model(model: Any, make_base: Callable[[], nn.Module] | None = None) -> None:
     """Exercise 3's model: NF4 + double quantisation, fp32 compute, LoRA r=8, alpha=16 on every
-    q_proj / v_proj and nothing else, only LoRA trainable. Reads the built layers."""
+    q_proj / v_proj and nothing else, only LoRA trainable. Reads the built layers.
+
+    ``check_qlora_model(build_qlora_model, load_pretrained)`` builds the model from a fresh base
+    (and checks that it wraps that base); ``check_qlora_model(model)`` checks a built model.
+    """
     what = "the model of exercise 3 (build_qlora_model)"
+    base = None
+    if make_base is not None:
+        base = make_base()
+        model = call_student(model, base, what="build_qlora_model(base)")
     expect(model is not None, f"{what} is None: did you forget the `return`?")
     expect(
         isinstance(model, QLoRAModel),
@@ -551,6 +561,10 @@ def check_qlora_model(model: Any) -> None:
         "apply_lora alone adds LoRA to a full-precision model; QLoRAModel quantises the base "
         "to 4 bits first.",
     )
+    expect(base is None or model.model is base,
+           f"{what} does not wrap the `base` model it was given.",
+           "build it from the argument: QLoRAModel(base, ...), not from a model made elsewhere "
+           "in the notebook (such as qlora_bnb above).")
     inner = model.model
     quantized = _quantized_types(None)
     named = dict(inner.named_modules())
@@ -839,6 +853,8 @@ VARIANTS = (
     mistake(_M, "no_return", "forgets the return",
             [(_RETM, "QLoRAModel(base, quantization, adapters).prepare_for_training()")],
             says="forget the `return`"),
+    mistake(_M, "demo_model", "returns the notebook's demo model instead of building from base",
+            [(BLOCK, "return qlora_bnb")], says="does not wrap the `base` model"),
     alternative(_M, "torch_backend", "the course's NF4Linear backend",
                 [(_QC, _QC + '\n        backend="torch",')]),
     alternative(_M, "string_dtype", "compute dtype given as a string, targets as a regex",
