@@ -563,8 +563,8 @@ def check_qlora_model(model: Any, make_base: Callable[[], nn.Module] | None = No
     )
     expect(base is None or model.model is base,
            f"{what} does not wrap the `base` model it was given.",
-           "build it from the argument: QLoRAModel(base, ...), not from a model made elsewhere "
-           "in the notebook (such as qlora_bnb above).")
+           "build it from the argument: QLoRAModel(base, ...), not from another model (a "
+           "fresh load_pretrained() or one made elsewhere in the notebook).")
     inner = model.model
     quantized = _quantized_types(None)
     named = dict(inner.named_modules())
@@ -853,8 +853,9 @@ VARIANTS = (
     mistake(_M, "no_return", "forgets the return",
             [(_RETM, "QLoRAModel(base, quantization, adapters).prepare_for_training()")],
             says="forget the `return`"),
-    mistake(_M, "demo_model", "returns the notebook's demo model instead of building from base",
-            [(BLOCK, "return qlora_bnb")], says="does not wrap the `base` model"),
+    mistake(_M, "own_base", "loads its own pretrained model instead of wrapping base",
+            [(_RETM, _RETM.replace("(base,", "(load_pretrained(),"))],
+            says="does not wrap the `base` model"),
     alternative(_M, "torch_backend", "the course's NF4Linear backend",
                 [(_QC, _QC + '\n        backend="torch",')]),
     alternative(_M, "string_dtype", "compute dtype given as a string, targets as a regex",
