@@ -518,7 +518,9 @@ def check_bits_per_parameter(student_fn: Callable[..., Any]) -> None:
                  "spread over the weights it scales (an fp32 absmax per block; with double "
                  "quantisation an 8-bit code per block and an fp32 absmax2 per dq_blocksize "
                  "blocks).")
-    got = call_student(student_fn, 64, True, what="bits_per_parameter(64, True)")
+    got = call_student(student_fn, 64, True, what="bits_per_parameter(64, True)",
+                       explain=lambda exc: "keep the signature bits_per_parameter(blocksize=64, "
+                                           "double_quant=False, dq_blocksize=256)")
     expect(isinstance(got, (int, float)) and abs(got - (4 + 8 / 64 + 32 / (64 * 256))) < 1e-9,
            f"bits_per_parameter(64, True) returned {got!r}: the default dq_blocksize must be "
            f"256, as in the signature.")
