@@ -26,6 +26,8 @@ OWN_WORK = OWN_WORK_MESSAGE.split("{")[0].strip()  # "the check runs your own im
 # out); every other fill-in must list at least one variant that calls the library's answer.
 NO_DELEGATION = {
     # "grade_id": "why",
+    "nb03_qlora_model_impl": "the exercise is to configure course_lib's QLoRAModel: calling it "
+                             "is the work, there is no library answer to refuse",
 }
 
 

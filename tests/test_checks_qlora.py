@@ -24,6 +24,8 @@ from course_lib.model.lora import LoRAConfig, apply_lora
 from course_lib.model.qlora import QLoRAModel, QuantizationConfig
 from course_lib.model.tinygpt import TinyGPT, TinyGPTConfig
 
+bnbF = pytest.importorskip("bitsandbytes.functional")  # after course_lib (its warning filter)
+
 NOTEBOOK = Path(__file__).resolve().parents[1] / "solutions" / "03_qlora.ipynb"
 FILL_INS = (
     "nb03_absmax_scale_impl",
@@ -84,10 +86,38 @@ def test_solution_passes_every_check(solution, capsys):
     )
 
 
-def test_library_functions_pass_too(capsys):
-    check_nearest_level(nf4.nearest_level)
-    check_pack_nibbles(nf4.pack_nibbles)
-    assert capsys.readouterr().out.count("PASS") == 2
+OWN_WORK = "the check runs your own implementation: write it instead of calling"
+
+
+@pytest.mark.parametrize(
+    ("check", "fn", "name"),
+    [
+        (check_blockwise_absmax_scale,
+         lambda w, bs: (w.reshape(-1, bs).float(), nf4.blockwise_absmax(w.reshape(-1), bs)),
+         "course_lib.model.nf4.blockwise_absmax"),
+        (check_nearest_level, nf4.nearest_level, "course_lib.model.nf4.nearest_level"),
+        (check_nearest_level, lambda s, c: nf4.nearest_level(s, c),
+         "course_lib.model.nf4.nearest_level"),
+        (check_pack_nibbles, nf4.pack_nibbles, "course_lib.model.nf4.pack_nibbles"),
+        (check_pack_nibbles,
+         lambda c: bnbF.quantize_4bit(torch.zeros(64), blocksize=64)[0].reshape(-1),
+         "bitsandbytes.functional.quantize_4bit"),
+        (check_double_quantize,
+         lambda a, bs=256: nf4.quantize_blockwise_8bit(a - a.mean(), nf4.dynamic_map(), bs),
+         "course_lib.model.nf4.quantize_blockwise_8bit"),
+        (check_bits_per_parameter,
+         lambda b, dq, d=256: nf4.storage_bits_per_parameter(
+             *reversed(nf4.quantize_nf4(torch.ones(64, 64), b, dq))),
+         "course_lib.model.nf4.quantize_nf4"),
+    ],
+)
+def test_the_library_answers_are_refused(check, fn, name, capsys):
+    with pytest.raises(AssertionError, match=OWN_WORK) as info:
+        check(fn)
+    assert name in str(info.value)
+    assert capsys.readouterr().out == ""
+    # the guard is lifted afterwards: the library works again
+    assert nf4.nearest_level(torch.tensor([0.0]), nf4.nf4_codebook()).item() == 7
 
 
 def test_checks_do_not_change_the_global_random_state(solution):
@@ -128,76 +158,94 @@ def test_stub_fails_with_not_implemented_message(stub, capsys, check, name, grad
 
 
 def test_qlora_model_stub_fails(stub, capsys):
-    with pytest.raises(NotImplementedError, match="nb03_qlora_model_impl"):
-        stub["build_qlora_model"](TinyGPT(SMALL))
+    with pytest.raises(AssertionError) as info:
+        check_qlora_model(stub["build_qlora_model"], lambda: TinyGPT(SMALL))
+    assert ("build_qlora_model(base) is not filled in yet: fill in build_qlora_model above, then "
+            "run this cell again.") in str(info.value)
     with pytest.raises(AssertionError, match="is None: did you forget the `return`"):
         check_qlora_model(None)
     assert capsys.readouterr().out == ""
 
 
 # ---------------------------------------------------------------------------------------------
-# typical mistakes
+# typical mistakes, each named (the notebook variants of VARIANTS run in test_check_variants.py)
 # ---------------------------------------------------------------------------------------------
 
 
-def _per_row(w, blocksize):
+def _blocks(w, bs):
+    return w.reshape(-1, bs).float()
+
+
+def _scaled(blocks, absmax):
+    return blocks / absmax.clamp(min=1e-38)[:, None]
+
+
+def _per_row(w, bs):
     rows = w.reshape(w.shape[0], -1).float()
     absmax = rows.abs().amax(dim=1)
-    return (rows / absmax[:, None]).reshape(-1, blocksize), absmax
+    return _scaled(rows, absmax).reshape(-1, bs), absmax
 
 
-def _signed_max(w, blocksize):
-    blocks = w.reshape(-1, blocksize).float()
-    absmax = blocks.amax(dim=1)
-    return blocks / absmax[:, None], absmax
+def _hard_coded(w, bs):
+    b = _blocks(w, 64)
+    return _scaled(b, b.abs().amax(dim=1)), b.abs().amax(dim=1)
 
 
-def _no_clamp(w, blocksize):
-    blocks = w.reshape(-1, blocksize).float()
-    absmax = blocks.abs().amax(dim=1)
-    return blocks / absmax[:, None], absmax
-
-
-def _flat_scaled(w, blocksize):
-    blocks = w.reshape(-1, blocksize).float()
-    absmax = blocks.abs().amax(dim=1)
-    return (blocks / absmax.clamp(min=1e-38)[:, None]).reshape(-1), absmax
+def _in_place(w, bs):
+    b = w.reshape(-1, bs).float()
+    absmax = b.abs().amax(dim=1)
+    b /= absmax.clamp(min=1e-38)[:, None]
+    return b, absmax
 
 
 @pytest.mark.parametrize(
     ("fn", "match"),
     [
         (_per_row, "one absmax per row"),
-        (_signed_max, "the maximum, not the absolute maximum"),
-        (_no_clamp, "NaN or inf. An all-zero block"),
-        (_flat_scaled, r"expected \(n_blocks, blocksize\)"),
+        (lambda w, bs: (_scaled(_blocks(w, bs), _blocks(w, bs).amax(1)), _blocks(w, bs).amax(1)),
+         "the maximum, not the absolute maximum"),
+        (lambda w, bs: (_blocks(w, bs), _blocks(w, bs).abs().amax(0)), "over the wrong dim"),
+        (_hard_coded, "not a hard-coded 64"),
+        (lambda w, bs: (_blocks(w, bs) / _blocks(w, bs).abs().amax(1)[:, None],
+                        _blocks(w, bs).abs().amax(1)), "all-zero block"),
+        (lambda w, bs: (_blocks(w, bs) * _blocks(w, bs).abs().amax(1)[:, None],
+                        _blocks(w, bs).abs().amax(1)), "multiplied each block by its absmax"),
+        (lambda w, bs: (_scaled(_blocks(w, bs), _blocks(w, bs).abs().amax(1)),
+                        1 / _blocks(w, bs).abs().amax(1).clamp(min=1e-38)), "1 / absmax"),
+        (lambda w, bs: (_scaled(_blocks(w, bs), _blocks(w, bs).abs().amax(1)).reshape(-1),
+                        _blocks(w, bs).abs().amax(1)), "keep the blocks as rows"),
+        (lambda w, bs: _scaled(_blocks(w, bs), _blocks(w, bs).abs().amax(1)),
+         "return scaled, absmax"),
+        (_in_place, "changed its input w in place"),
+        (lambda w, bs: (w.reshape(-1, bs) / w.reshape(-1, bs).abs().amax(1, keepdim=True).clamp(
+            min=1e-38),
+                        w.reshape(-1, bs).abs().amax(1)), "expected torch.float32"),
         (lambda w, bs: None, "forget the `return`"),
-        (lambda w, bs: w, r"should return a tuple \(scaled, absmax\)"),
     ],
 )
-def test_absmax_scale_mistakes(fn, match):
+def test_absmax_scale_mistakes(fn, match, capsys):
     with pytest.raises(AssertionError, match=match):
         check_blockwise_absmax_scale(fn)
+    assert capsys.readouterr().out == ""
 
 
-def _searchsorted_levels(scaled, codebook):
-    return torch.searchsorted(codebook, scaled.contiguous())
-
-
-def _round_down(scaled, codebook):
-    return (torch.searchsorted(codebook, scaled.contiguous(), right=True) - 1).clamp(min=0)
+def _mid(c):
+    return (c[:-1] + c[1:]) / 2
 
 
 @pytest.mark.parametrize(
     ("fn", "match"),
     [
-        (_searchsorted_levels, "first level >= each value"),
-        (_round_down, "rounded down to the level below"),
-        (lambda s, c: c[torch.bucketize(s, (c[:-1] + c[1:]) / 2)], "return integer indices"),
-        (lambda s, c: torch.bucketize(s, (c[:-1] + c[1:]) / 2).reshape(-1),
-         "codes have shape"),
-        (lambda s, c: torch.bucketize(s, (nf4.nf4_codebook()[:-1] + nf4.nf4_codebook()[1:]) / 2),
-         "int4 codebook"),
+        (lambda s, c: torch.bucketize(s, c), "first level >= each value"),
+        (lambda s, c: (torch.bucketize(s, c, right=True) - 1).clamp(min=0), "rounded down"),
+        (lambda s, c: c[torch.bucketize(s, _mid(c))], "not their indices"),
+        (lambda s, c: torch.bucketize(s, _mid(c)).reshape(-1), "in the shape of scaled"),
+        (lambda s, c: (s.unsqueeze(-1) - c).abs().argmin(dim=0), "reduced over the wrong dim"),
+        (lambda s, c: (s.unsqueeze(-1) - c).argmin(dim=-1), "has no .abs()"),
+        (lambda s, c: (c - s.unsqueeze(-1)).argmin(dim=-1), "has no .abs()"),
+        (lambda s, c: torch.bucketize(s, _mid(c), right=True), "exactly halfway"),
+        (lambda s, c: torch.bucketize(s, c[:-1] + c[1:]), "not halved"),
+        (lambda s, c: torch.bucketize(s, nf4.nf4_midpoints()), "not with the `codebook` argument"),
     ],
 )
 def test_nearest_level_mistakes(fn, match):
@@ -205,20 +253,35 @@ def test_nearest_level_mistakes(fn, match):
         check_nearest_level(fn)
 
 
-def test_nearest_level_accepts_argmin_of_distances(capsys):
-    check_nearest_level(lambda s, c: (s.unsqueeze(-1) - c).abs().argmin(dim=-1))
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda s, c: (s.unsqueeze(-1) - c).abs().argmin(dim=-1),
+        lambda s, c: torch.searchsorted(_mid(c), s.contiguous()),
+    ],
+    ids=["argmin", "searchsorted"],
+)
+def test_nearest_level_accepts_correct_alternatives(fn, capsys):
+    check_nearest_level(fn)
     assert capsys.readouterr().out == "CHECK nb03_nearest_level: PASS\n"
+
+
+def _u8(c):
+    return c.reshape(-1).to(torch.uint8)
 
 
 @pytest.mark.parametrize(
     ("fn", "match"),
     [
-        (lambda c: (c.reshape(-1)[1::2].to(torch.uint8) << 4) | c.reshape(-1)[0::2].to(torch.uint8),
-         "nibbles are swapped"),
-        (lambda c: c.reshape(-1).to(torch.uint8), "two 4-bit codes share one byte"),
-        (lambda c: (c.reshape(-1)[0::2] << 4) | c.reshape(-1)[1::2], "torch.uint8"),
-        (lambda c: (c.reshape(-1)[0::2].to(torch.uint8) << 2) | c.reshape(-1)[1::2].to(torch.uint8),
-         r"packed\[i\] = \(codes\[2i\] << 4\)"),
+        (lambda c: (_u8(c)[1::2] << 4) | _u8(c)[0::2], "nibbles are swapped"),
+        (lambda c: ((_u8(c)[0::2] << 4) & 0xF) | _u8(c)[1::2], "the high nibble is lost"),
+        (lambda c: _u8(c), "two 4-bit codes share one byte"),
+        (lambda c: (c.reshape(-1)[0::2] << 4) | c.reshape(-1)[1::2], "expected torch.uint8"),
+        (lambda c: (c.reshape(-1)[0::2].to(torch.int8) << 4) | c.reshape(-1)[1::2].to(torch.int8),
+         "expected torch.uint8"),
+        (lambda c: (c.to(torch.uint8)[0::2] << 4) | c.to(torch.uint8)[1::2], "you paired rows"),
+        (lambda c: (_u8(c)[0::2] << 2) | _u8(c)[1::2], "shifted by 2 bits"),
+        (lambda c: _u8(c)[0::2] << 4, "only the even-indexed codes"),
     ],
 )
 def test_pack_nibbles_mistakes(fn, match):
@@ -226,44 +289,62 @@ def test_pack_nibbles_mistakes(fn, match):
         check_pack_nibbles(fn)
 
 
+def test_pack_nibbles_accepts_arithmetic(capsys):
+    check_pack_nibbles(lambda c: _u8(c).view(-1, 2)[:, 0] * 16 + _u8(c).view(-1, 2)[:, 1])
+    assert capsys.readouterr().out == "CHECK nb03_pack_nibbles: PASS\n"
+
+
 def test_double_quant_mistakes(solution):
     scale = solution["blockwise_absmax_scale"]
     near = solution["nearest_level_code"]
 
-    def no_centering(absmax, blocksize=256):
-        scaled, absmax2 = scale(absmax, blocksize)
-        return near(scaled, nf4.dynamic_map()).to(torch.uint8).reshape(absmax.shape), absmax.mean(), absmax2
+    def make(offset_of=lambda a: a.mean(), centre=True, bs_of=lambda bs: bs,
+             code=nf4.dynamic_map, order=(0, 1, 2), dtype=torch.uint8):
+        def double_quantize(absmax, blocksize=256):
+            offset = offset_of(absmax)
+            scaled, absmax2 = scale(absmax - offset if centre else absmax, bs_of(blocksize))
+            codes = near(scaled, code()).to(dtype).reshape(absmax.shape)
+            out = (codes, offset, absmax2)
+            return tuple(out[i] for i in order)
+        return double_quantize
 
-    with pytest.raises(AssertionError, match="subtract the mean"):
-        check_double_quantize(no_centering)
-
-    def wrong_blocks(absmax, blocksize=256):
-        return solution["double_quantize"](absmax, 64)
-
-    with pytest.raises(AssertionError, match="one per block of"):
-        check_double_quantize(wrong_blocks)
-
-    def nf4_codes(absmax, blocksize=256):
-        offset = absmax.mean()
-        scaled, absmax2 = scale(absmax - offset, blocksize)
-        return near(scaled, nf4.nf4_codebook()).to(torch.uint8).reshape(absmax.shape), offset, absmax2
-
-    with pytest.raises(AssertionError, match="not the nearest level of the dynamic map"):
-        check_double_quantize(nf4_codes)
-
-    with pytest.raises(AssertionError, match="offset should be the mean"):
-        check_double_quantize(lambda a, b=256: (a.to(torch.uint8), a.max(), a[:1]))
+    cases = [
+        (make(centre=False), "did not subtract the mean"),
+        (make(bs_of=lambda bs: 256), "not a hard-coded 256"),
+        (make(code=nf4.nf4_codebook), "16-level NF4 codebook"),
+        (make(offset_of=lambda a: a.max()), "offset should be the mean"),
+        (make(order=(0, 2, 1)), "offset and absmax2 are swapped"),
+        (make(dtype=torch.int64), "expected torch.uint8"),
+        (lambda a, b=256: (near(scale(a - a.mean(), b)[0], nf4.dynamic_map()).to(torch.uint8),
+                           a.mean(), scale(a - a.mean(), b)[1]), "reshape the codes"),
+        (lambda a, b=256: None, "forget the `return`"),
+    ]
+    for fn, match in cases:
+        with pytest.raises(AssertionError, match=match):
+            check_double_quantize(fn)
 
 
 @pytest.mark.parametrize(
     ("fn", "match"),
     [
-        (lambda b, dq, d=256: (8 / b + 32 / (b * d)) if dq else 32 / b, "add the 4 bits"),
+        (lambda b, dq, d=256: (8 / b + 32 / (b * d)) if dq else 32 / b, "4 bits of the code"),
+        (lambda b, dq, d=256: 4 + 8 / b + 32 / (b * d) if dq else 4, "constants are missing"),
+        (lambda b, dq, d=256: 4 + 8 / b + 32 / (b * d) if dq else 4 + 32 // b,
+         "constants are missing"),
+        (lambda b, dq, d=256: 4 + 8 / b + 32 / (b * d) if dq else 4 + 16 / b, "not 16"),
         (lambda b, dq, d=256: 4 + (8 / b if dq else 32 / b), "second-level constants are missing"),
-        (lambda b, dq, d=256: 4 + 32 / b, "first-level constants take 8 bits"),
+        (lambda b, dq, d=256: 4 + 32 / b + (32 / (b * d) if dq else 0), "take 8 bits, not 32"),
+        (lambda b, dq, d=256: 4 + (8 / b + 32 / (b * 256) if dq else 32 / b),
+         "not a hard-coded 256"),
+        (lambda b, dq, d=256: 4 + (8 / b + 32 / d if dq else 32 / b),
+         r"blocksize \* dq_blocksize weights"),
+        (lambda b, dq, d=256: (4 + (8 / b + 32 / (b * d) if dq else 32 / b)) / 8, "bytes, not bits"),
+        (lambda b, dq, d=256: 4 + (8 / b + 32 / (b * d) if dq else 32 / b) if d == 256 else 4.2,
+         "expected 4.12891"),
+        (lambda b, dq, d=128: 4 + (8 / b + 32 / (b * d) if dq else 32 / b),
+         "default dq_blocksize must be 256"),
         (lambda b, dq, d=256: None, "forget the `return`"),
         (lambda b, dq, d=256: "4.5", "return a number"),
-        (lambda b, dq, d=256: 4.5, "expected 4.1270"),
     ],
 )
 def test_bits_per_parameter_mistakes(fn, match):
@@ -271,31 +352,47 @@ def test_bits_per_parameter_mistakes(fn, match):
         check_bits_per_parameter(fn)
 
 
+def _qlora(lora=None, **qkw) -> QLoRAModel:
+    torch.manual_seed(0)
+    qkw = {"backend": "torch", "bnb_4bit_use_double_quant": True, **qkw}
+    return QLoRAModel(TinyGPT(SMALL), QuantizationConfig(**qkw), lora or LoRAConfig(r=8))
+
+
+def test_the_builder_is_run_on_a_fresh_base(solution, capsys):
+    check_qlora_model(solution["build_qlora_model"], lambda: TinyGPT(SMALL))
+    assert capsys.readouterr().out == "CHECK nb03_qlora_model: PASS\n"
+    demo = _qlora().prepare_for_training()
+    with pytest.raises(AssertionError, match="does not wrap the `base` model it was given"):
+        check_qlora_model(lambda base: demo, lambda: TinyGPT(SMALL))
+
+
+def test_the_bitsandbytes_model_passes(capsys):
+    check_qlora_model(_qlora(backend="bitsandbytes").prepare_for_training())
+    assert capsys.readouterr().out == "CHECK nb03_qlora_model: PASS\n"
+
+
 def test_qlora_model_mistakes():
     torch.manual_seed(0)
-    with pytest.raises(AssertionError, match="should be a QLoRAModel"):
-        check_qlora_model(apply_lora(TinyGPT(SMALL)))
-    with pytest.raises(AssertionError, match="double quantisation"):
-        check_qlora_model(
-            QLoRAModel(TinyGPT(SMALL), QuantizationConfig(backend="torch"), LoRAConfig(r=8))
-        )
-    with pytest.raises(AssertionError, match="rank r=8"):
-        check_qlora_model(QLoRAModel(
-            TinyGPT(SMALL), QuantizationConfig(backend="torch", bnb_4bit_use_double_quant=True),
-            LoRAConfig(r=4),
-        ))
-    with pytest.raises(AssertionError, match="q_proj and v_proj only"):
-        check_qlora_model(QLoRAModel(
-            TinyGPT(SMALL), QuantizationConfig(backend="torch", bnb_4bit_use_double_quant=True),
-            LoRAConfig(r=8, target_modules="all-linear"),
-        ))
-    with pytest.raises(AssertionError, match="not 4-bit"):
-        check_qlora_model(QLoRAModel(
-            TinyGPT(SMALL),
-            QuantizationConfig(backend="torch", bnb_4bit_use_double_quant=True,
-                               llm_int8_skip_modules=["lm_head", "k_proj"]),
-            LoRAConfig(r=8),
-        ))
+    cases = [
+        (apply_lora(TinyGPT(SMALL)), "should be a QLoRAModel"),
+        (_qlora(bnb_4bit_use_double_quant=False), "not double-quantised"),
+        (_qlora(backend="bitsandbytes", bnb_4bit_quant_type="fp4"), "not NF4"),
+        (_qlora(bnb_4bit_compute_dtype=torch.bfloat16), "computes in torch.bfloat16"),
+        (_qlora(blocksize=128), "expected 64"),
+        (_qlora(LoRAConfig(r=4)), "expected r=8"),
+        (_qlora(LoRAConfig(r=8, lora_alpha=8)), "lora_alpha / r = 16 / 8"),
+        (_qlora(LoRAConfig(r=8, target_modules=["q_proj"])), "have no LoRA adapter"),
+        (_qlora(LoRAConfig(r=8, target_modules="all-linear")), "q_proj and v_proj only"),
+        (_qlora(llm_int8_skip_modules=["lm_head", "k_proj"]), "not 4-bit"),
+    ]
+    for model, match in cases:
+        with pytest.raises(AssertionError, match=match):
+            check_qlora_model(model)
+    # the double-quantisation flag set on the config after building: the layers are not
+    model = _qlora(bnb_4bit_use_double_quant=False)
+    model.quantization_config.bnb_4bit_use_double_quant = True
+    with pytest.raises(AssertionError, match="a flag set afterwards changes nothing"):
+        check_qlora_model(model)
     model = small_qlora()
     model.model.norm.weight.requires_grad_(True)
     with pytest.raises(AssertionError, match="only LoRA parameters may be trainable"):
