@@ -1,8 +1,8 @@
 """Every check knows its mistakes: each listed mistake fails with the words that name it, each
 correct alternative and the solution pass, and every fill-in has its list (issue 14).
 
-The variants live next to their checks (``VARIANTS`` in ``course_lib/checks/<module>.py``); the
-notebooks run as grading runs them (``tests/notebook_variants.py``).
+The variants live next to their checks (``VARIANTS`` in ``course_lib/checks/<module>.py`` or
+``<module>_variants.py``); the notebooks run as grading runs them (``tests/notebook_variants.py``).
 """
 
 from __future__ import annotations
@@ -32,11 +32,12 @@ NO_DELEGATION = {
 
 
 def _all_variants() -> list[Variant]:
-    found: list[Variant] = []
+    found: dict[int, tuple[Variant, ...]] = {}  # a check module re-exports its *_variants list
     for info in pkgutil.iter_modules(course_lib.checks.__path__):
         module = importlib.import_module(f"course_lib.checks.{info.name}")
-        found.extend(getattr(module, "VARIANTS", ()))
-    return found
+        variants = getattr(module, "VARIANTS", ())
+        found[id(variants)] = variants
+    return [v for variants in found.values() for v in variants]
 
 
 VARIANTS = _all_variants()

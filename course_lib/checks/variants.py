@@ -1,6 +1,7 @@
 """The mistakes each check knows, written down next to the check as variants of the solution.
 
-Every check module keeps a ``VARIANTS`` tuple: **mistakes** students plausibly make in that
+Every check module keeps a ``VARIANTS`` tuple (a long one in ``<module>_variants.py`` beside
+it, which the check module imports): **mistakes** students plausibly make in that
 fill-in (the check must fail, and its message must contain ``says``, the words that name the
 mistake) and correct **alternatives** (another valid init, another loop order: the check must
 pass). A variant is a list of edits of the solution cell, so it stays short and readable::
