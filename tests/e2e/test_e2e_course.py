@@ -8,6 +8,7 @@ the reason, without one). A new widget notebook joins by adding a row to ``WIDGE
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import nbformat
@@ -233,3 +234,51 @@ def test_widget_check_catches_broken_wiring(open_notebook, course_copy):
         check_widget_reacts(nb, case("unwired dashboard"), change_ms=5_000)
     with pytest.raises(E2EError, match="figure to be redrawn"):
         check_widget_reacts(nb, case("stale-figure dashboard"), change_ms=5_000)
+
+
+# Issue 14, "the hint first": the unfilled check's output at a laptop-sized window.
+SMALL_VIEWPORT = {"width": 1280, "height": 800}
+HINT_FIRST = ["notebooks/01_lora.ipynb", "notebooks/04_flash_attention.ipynb"]
+TRACEBACK_MARKS = ("Traceback", "course_lib/", 'File "')
+
+
+@pytest.mark.parametrize("notebook", HINT_FIRST)
+def test_unfilled_check_shows_the_hint_first(open_notebook, notebook):
+    """Run the student notebook up to the first check cell whose fill-in is unfilled: its
+    output shows the check's "not passed yet" title and the "fill in ... above, then run this
+    cell again" line (and the Hint, where there is one) inside a 1280x800 window without
+    scrolling, and no traceback lines."""
+    cells = _cells(notebook)
+    fill_in = next(i for i, c in enumerate(cells) if c["cell_type"] == "code"
+                   and is_solution_cell(c))
+    check = next(i for i in range(fill_in + 1, len(cells)) if is_check_cell(cells[i]))
+    check_id = grade_id_of(cells[check])
+    nb: NotebookPage = open_notebook(notebook, viewport=SMALL_VIEWPORT)
+    for i in range(check):
+        if cells[i]["cell_type"] == "code":
+            state = nb.run_cell(i)
+            if state["stderr"]:
+                raise nb.fail(f"cell {i}, before the check cell {check}, failed:\n"
+                              + "\n".join(state["stderr"]))
+    nb.scroll_to_top_of_view(check)  # where a student running the cells has the check cell
+    state = nb.run_cell(check)
+    nb.screenshot("hint-first")
+    assert state["stderr"], f"the check cell {check} ({check_id}) did not fail: {state['text']!r}"
+    text = "\n".join(state["stderr"])
+    title = f"CHECK {check_id}: not passed yet" if f"CHECK {check_id}:" in text else (
+        "Check not passed yet")
+    assert title in text, f"no 'not passed yet' title in the failing output:\n{text}"
+    line = re.search(r"fill in \S+ above, then run this cell again", text)
+    assert line, f"no 'fill in ... above, then run this cell again' line in:\n{text}"
+    needles = [title, line.group(0)] + (["Hint:"] if "Hint:" in text else [])
+    found = nb.output_text_positions(check, needles)
+    view = found["view"]
+    for needle in needles:
+        box = found["rects"][needle]
+        assert box is not None, f"{needle!r} is not drawn in the output of cell {check}"
+        inside = (box["top"] >= view["top"] and box["bottom"] <= view["bottom"]
+                  and box["left"] >= view["left"] and box["right"] <= view["right"])
+        assert inside, (f"{needle!r} is drawn at {box}, outside the part of the notebook visible "
+                        f"without scrolling {view} (1280x800 window)")
+    marks = [m for m in TRACEBACK_MARKS if m in found["text"]]
+    assert not marks, f"the failing output shows traceback lines ({marks}):\n{found['text']}"
