@@ -146,7 +146,8 @@ def browser(chromium_path):
 
 @pytest.fixture
 def open_notebook(request, browser, lab_server, course_copy, artifacts):
-    """``open_notebook("notebooks/00_welcome.ipynb") -> NotebookPage``, open with idle kernel.
+    """``open_notebook("notebooks/00_welcome.ipynb") -> NotebookPage``, open with idle kernel
+    (in a ``viewport`` of its own if one is given, e.g. ``{"width": 1280, "height": 800}``).
 
     Each call gets a fresh browser context; its kernel is shut down after the test.
     """
@@ -154,12 +155,12 @@ def open_notebook(request, browser, lab_server, course_copy, artifacts):
     contexts = []
     request.node.e2e_pages = opened
 
-    def _open(notebook: str) -> NotebookPage:
+    def _open(notebook: str, viewport: dict | None = None) -> NotebookPage:
         path = course_copy / notebook
         if not path.exists():
             raise FileNotFoundError(f"{notebook} is not in the course copy {course_copy}")
         n_cells = len(json.loads(path.read_text(encoding="utf-8"))["cells"])
-        context = browser.new_context(viewport=VIEWPORT)
+        context = browser.new_context(viewport=viewport or VIEWPORT)
         contexts.append(context)
         page = context.new_page()
         nb = NotebookPage(page, lab_server, notebook, artifacts)

@@ -296,6 +296,43 @@ _GLYPHS_JS = r"""
 }
 """
 
+# JavaScript run in the page: where the given texts of a cell's output are drawn, and the part
+# of the notebook that is visible without scrolling.
+_OUTPUT_TEXT_JS = r"""
+([index, needles]) => {
+  const p = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden)');
+  const cell = p.querySelectorAll('.jp-Notebook .jp-Cell')[index];
+  const out = cell.querySelector('.jp-OutputArea');
+  const nodes = [];
+  let text = '';
+  const walker = document.createTreeWalker(out, NodeFilter.SHOW_TEXT);
+  while (walker.nextNode()) { nodes.push([walker.currentNode, text.length]); text += walker.currentNode.data; }
+  const locate = (pos) => {
+    for (let k = nodes.length - 1; k >= 0; k--) if (nodes[k][1] <= pos) return [nodes[k][0], pos - nodes[k][1]];
+    return null;
+  };
+  const rects = {};
+  for (const needle of needles) {
+    const at = text.indexOf(needle);
+    if (at < 0) { rects[needle] = null; continue; }
+    const [sn, so] = locate(at);
+    const [en, eo] = locate(at + needle.length - 1);
+    const range = document.createRange();
+    range.setStart(sn, so);
+    range.setEnd(en, eo + 1);
+    const b = range.getBoundingClientRect();
+    rects[needle] = {top: b.top, bottom: b.bottom, left: b.left, right: b.right};
+  }
+  const scroller = p.querySelector('.jp-WindowedPanel-outer') || p.querySelector('.jp-Notebook');
+  const s = scroller.getBoundingClientRect();
+  return {
+    text: out.innerText, rects,
+    view: {top: Math.max(s.top, 0), bottom: Math.min(s.bottom, innerHeight),
+           left: Math.max(s.left, 0), right: Math.min(s.right, innerWidth)},
+  };
+}
+"""
+
 _PROMPT = re.compile(r"^\[(\d+|\*| )\]:$")
 
 
@@ -470,6 +507,15 @@ class NotebookPage:
             state = self.run_cell(i, timeout_ms)
             if state["stderr"]:
                 raise self.fail(f"cell {i} wrote to stderr/raised:\n{'; '.join(state['stderr'])}")
+
+    def scroll_to_top_of_view(self, index: int) -> None:
+        """Scroll the notebook so that cell ``index`` starts at the top of its view."""
+        self.cell_locator(index).evaluate("(el) => el.scrollIntoView({block: 'start'})")
+
+    def output_text_positions(self, index: int, needles: Sequence[str]) -> dict:
+        """Cell ``index``'s output: ``{"text", "rects": {needle: box or None}, "view": box}``,
+        boxes in page pixels; ``view`` is the part of the notebook visible without scrolling."""
+        return self.page.evaluate(_OUTPUT_TEXT_JS, [index, list(needles)])
 
     def close(self) -> None:
         self.server.shutdown_session(self.notebook)

@@ -8,6 +8,7 @@ the reason, without one). A new widget notebook joins by adding a row to ``WIDGE
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import nbformat
@@ -233,3 +234,103 @@ def test_widget_check_catches_broken_wiring(open_notebook, course_copy):
         check_widget_reacts(nb, case("unwired dashboard"), change_ms=5_000)
     with pytest.raises(E2EError, match="figure to be redrawn"):
         check_widget_reacts(nb, case("stale-figure dashboard"), change_ms=5_000)
+
+
+# Issue 14, "the hint first": the unfilled check's output at a laptop-sized window.
+SMALL_VIEWPORT = {"width": 1280, "height": 800}
+HINT_FIRST = ["notebooks/01_lora.ipynb", "notebooks/04_flash_attention.ipynb"]
+TRACEBACK_MARKS = ("Traceback", "course_lib/", 'File "')
+
+
+@pytest.mark.parametrize("notebook", HINT_FIRST)
+def test_unfilled_check_shows_the_hint_first(open_notebook, notebook):
+    """Run the student notebook up to the first check cell whose fill-in is unfilled: its
+    output shows the check's "not passed yet" title and the "fill in ... above, then run this
+    cell again" line (and the Hint, where there is one) inside a 1280x800 window without
+    scrolling, and no traceback lines."""
+    cells = _cells(notebook)
+    fill_in = next(i for i, c in enumerate(cells) if c["cell_type"] == "code"
+                   and is_solution_cell(c))
+    check = next(i for i in range(fill_in + 1, len(cells)) if is_check_cell(cells[i]))
+    check_id = grade_id_of(cells[check])
+    nb: NotebookPage = open_notebook(notebook, viewport=SMALL_VIEWPORT)
+    for i in range(check):
+        if cells[i]["cell_type"] == "code":
+            state = nb.run_cell(i)
+            if state["stderr"]:
+                raise nb.fail(f"cell {i}, before the check cell {check}, failed:\n"
+                              + "\n".join(state["stderr"]))
+    problems = _hint_first_problems(nb, check, check_id, "hint-first")
+    assert not problems, "\n".join(problems)
+
+
+def _hint_first_problems(nb: NotebookPage, check: int, check_id: str, label: str) -> list[str]:
+    """Run check cell ``check`` with it at the top of the view; what keeps its failing output
+    from showing the title, the fill-in line and the hint at once, without traceback lines."""
+    nb.scroll_to_top_of_view(check)  # where a student running the cells has the check cell
+    state = nb.run_cell(check)
+    nb.screenshot(label)
+    if not state["stderr"]:
+        return [f"the check cell {check} ({check_id}) did not fail: {state['text']!r}"]
+    text = "\n".join(state["stderr"])
+    title = f"CHECK {check_id}: not passed yet" if f"CHECK {check_id}:" in text else (
+        "Check not passed yet")
+    if title not in text:
+        return [f"no 'not passed yet' title in the failing output:\n{text}"]
+    line = re.search(r"fill in \S+ above, then run this cell again", text)
+    if not line:
+        return [f"no 'fill in ... above, then run this cell again' line in:\n{text}"]
+    needles = [title, line.group(0)] + (["Hint:"] if "Hint:" in text else [])
+    found = nb.output_text_positions(check, needles)
+    view, problems = found["view"], []
+    for needle in needles:
+        box = found["rects"][needle]
+        if box is None:
+            problems.append(f"{needle!r} is not drawn in the output of cell {check}")
+        elif not (box["top"] >= view["top"] and box["bottom"] <= view["bottom"]
+                  and box["left"] >= view["left"] and box["right"] <= view["right"]):
+            problems.append(f"{needle!r} is drawn at {box}, outside the part of the notebook "
+                            f"visible without scrolling {view} ({nb.page.viewport_size})")
+    marks = [m for m in TRACEBACK_MARKS if m in found["text"]]
+    if marks:
+        problems.append(f"the failing output shows traceback lines ({marks}):\n"
+                        f"{found['text'][:2000]}")
+    return problems
+
+
+CHAINED = """
+def lora_trainable_params(layer_shapes, r):
+    raise NotImplementedError("Fill-in 'x_impl' is not done yet")
+
+
+def check(fn):  # the old way: a chained traceback, the friendly line at its end
+    try:
+        fn([(4, 4)] * 40, 2)
+    except NotImplementedError as exc:
+        def deep(n):
+            if n == 0:
+                raise AssertionError(
+                    "CHECK x: not passed yet\\nlora_trainable_params is not filled in yet: fill "
+                    "in lora_trainable_params above, then run this cell again.") from exc
+            deep(n - 1)
+        deep(30)
+
+
+check(lora_trainable_params)
+"""
+
+
+def test_hint_first_check_sees_a_traceback_below_the_fold(open_notebook, course_copy):
+    """Control for the test above: a chained 30-frame traceback whose friendly line comes last
+    fails it, for the traceback lines and for the line below the fold."""
+    notebook = nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_code_cell(CHAINED.strip())],
+        metadata={"kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python",
+                                 "name": "python3"}},
+    )
+    (course_copy / "e2e").mkdir(exist_ok=True)
+    nbformat.write(notebook, course_copy / "e2e" / "chained_traceback.ipynb")
+    nb = open_notebook("e2e/chained_traceback.ipynb", viewport=SMALL_VIEWPORT)
+    problems = _hint_first_problems(nb, 0, "x", "chained-traceback")
+    assert any("traceback lines" in p for p in problems), problems
+    assert any("outside the part of the notebook" in p for p in problems), problems
