@@ -529,6 +529,85 @@ def test_bad_input_is_rejected_with_a_clear_message(kwargs, error, match):
                 fn(**args)
 
 
+# --------------------------------------------------------------------------------------------
+# Grouped-query attention (enable_gqa=True, SDPA's keyword)
+# --------------------------------------------------------------------------------------------
+GQA_SHAPES = [
+    # (batch, q heads, kv heads, q_len, k_len, head_dim)
+    (2, 4, 2, 9, 9, 16),
+    (1, 6, 2, 5, 13, 8),   # L < S
+    (1, 9, 3, 12, 7, 16),  # L > S, SmolLM2's 9 query and 3 key/value heads
+    (1, 4, 1, 8, 8, 8),    # multi-query attention
+]
+
+
+def make_gqa(batch, q_heads, kv_heads, q_len, k_len, head_dim, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, q_heads, q_len, head_dim, generator=g)
+    k = torch.randn(batch, kv_heads, k_len, head_dim, generator=g)
+    v = torch.randn(batch, kv_heads, k_len, head_dim, generator=g)
+    return q, k, v
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("shape", GQA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [True, False])
+def test_gqa_matches_sdpa_and_repeated_heads(path, shape, causal):
+    q, k, v = make_gqa(*shape)
+    groups = q.shape[1] // k.shape[1]
+    got = PATHS[path](q, k, v, causal=causal, enable_gqa=True)
+    assert got.shape == q.shape
+    expected, _ = reference(q, k.repeat_interleave(groups, dim=1),
+                            v.repeat_interleave(groups, dim=1), causal)
+    torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-5)
+    if not causal or q.shape[2] == k.shape[2]:  # SDPA's own causal aligns top-left
+        sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        torch.testing.assert_close(got, sdpa, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fn", [naive_attention, tiled_attention])
+def test_gqa_with_masks_and_lse(fn):
+    q, k, v = make_gqa(2, 4, 2, 6, 10, 8)
+    mask = torch.rand(2, 4, 6, 10, generator=torch.Generator().manual_seed(2)) > 0.3
+    mask[0, 1, 2] = False  # a row that sees no key
+    out, lse = fn(q, k, v, False, mask, return_lse=True, enable_gqa=True)
+    want, want_lse = reference(q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1),
+                               False, mask)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), want_lse, atol=2e-5, rtol=1e-5)
+    assert lse[0, 1, 2] == float("-inf") and out[0, 1, 2].abs().max() == 0
+
+
+def test_gqa_gradients_match_sdpa():
+    q, k, v = (t.requires_grad_() for t in make_gqa(1, 4, 2, 7, 7, 8))
+    for backend in ("naive", "tiled", "auto"):
+        grads = torch.autograd.grad(
+            flash_attention_forward(q, k, v, backend=backend, enable_gqa=True).square().sum(),
+            (q, k, v),
+        )
+        want = torch.autograd.grad(
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            .square().sum(), (q, k, v),
+        )
+        for got_grad, want_grad in zip(grads, want):
+            torch.testing.assert_close(got_grad, want_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_gqa_needs_enable_gqa_and_a_head_multiple():
+    q, k, v = make_gqa(1, 4, 2, 4, 4, 8)
+    for fn in (flash_attention_forward, naive_attention, tiled_attention):
+        with pytest.raises(ValueError, match=r"num_heads differ: q 4, k 2, v 2; .*enable_gqa=True"):
+            fn(q, k, v)
+        with pytest.raises(ValueError, match="multiple of k/v's, got q 4 and k/v 3"):
+            fn(q, k[:, :1].expand(1, 3, 4, 8), v[:, :1].expand(1, 3, 4, 8), enable_gqa=True)
+        with pytest.raises(ValueError, match="k and v must have the same num_heads"):
+            fn(q, k, v[:, :1], enable_gqa=True)
+        with pytest.raises(TypeError, match="enable_gqa must be True or False"):
+            fn(q, q, q, enable_gqa=1)
+    # equal heads: enable_gqa=True changes nothing
+    torch.testing.assert_close(naive_attention(q, q, q, enable_gqa=True), naive_attention(q, q, q))
+
+
 @pytest.mark.parametrize("name", ["block_q", "block_k"])
 @pytest.mark.parametrize("value,error", [(0, ValueError), (-4, ValueError), (2.5, TypeError),
                                          (True, TypeError)])

@@ -200,6 +200,62 @@ def test_quantize_model_skip_modules_are_configurable():
     assert isinstance(model.blocks[0].mlp.down_proj, nn.Linear)
 
 
+SKIP_LISTS = [
+    ["model.layers.0"],          # a prefix up to a module boundary
+    ["proj"],                    # a plain suffix
+    ["q_proj", "lm_head"],       # names
+    ["model.layers.[01].mlp"],   # a regex
+    ["layers.1"],                # inside the name: no match
+    ["mlp.gate"],                # not at a module boundary: no match
+    ["model.layers.1.self_attn.v_proj"],
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_llama")
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.skipif(not HAS_BNB, reason="transformers' 4-bit path needs bitsandbytes")
+@pytest.mark.parametrize("skip", SKIP_LISTS, ids=lambda s: ",".join(s))
+def test_skip_modules_keep_the_same_layers_as_transformers(tiny_llama_dir, skip):
+    transformers = pytest.importorskip("transformers")
+
+    def full_precision(model):
+        return sorted(n for n, m in model.named_modules() if type(m) is nn.Linear)
+
+    theirs = transformers.LlamaForCausalLM.from_pretrained(
+        tiny_llama_dir, device_map="cpu",
+        quantization_config=transformers.BitsAndBytesConfig(
+            load_in_4bit=True, llm_int8_skip_modules=skip),
+    )
+    ours = transformers.LlamaForCausalLM.from_pretrained(tiny_llama_dir)
+    quantize_model(ours, QuantizationConfig(backend="torch", llm_int8_skip_modules=skip))
+    assert full_precision(ours) == full_precision(theirs)
+    expected_counts = {"model.layers.0": 7, "proj": 14, "layers.1": 0, "mlp.gate": 0}
+    if skip[0] in expected_counts:  # the counts the issue measured
+        assert len(full_precision(ours)) == expected_counts[skip[0]]
+
+
+def test_skip_modules_rule():
+    from course_lib.model.targets import skip_matches
+    name = "model.layers.1.mlp.up_proj"
+    assert skip_matches(name, ["model.layers.1"]) and skip_matches(name, ["up_proj"])
+    assert skip_matches(name, ["proj"]) and skip_matches(name, [r"model\.layers\.\d+\.mlp"])
+    assert not skip_matches("model.layers.11.mlp.up_proj", ["model.layers.1"])
+    assert not skip_matches(name, ["layers.1"]) and not skip_matches(name, ["mlp.up"])
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        QuantizationConfig(backend="torch", llm_int8_skip_modules=["layers.[0"])
+
+
 def test_quantize_model_bad_input():
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         quantize_model("model")

@@ -51,20 +51,60 @@ KEY_PREFIX = "base_model.model."
 _KEY = re.compile(r"base_model\.model\.(.+)\.(lora_A|lora_B)(?:\.default)?\.weight")
 _PARTS = ("lora_A", "lora_B")
 
-# PEFT fields of LoRA variants this course does not implement, with the values that mean "off".
+# PEFT fields of LoRA variants and features this course does not implement, with the values that
+# mean "off" (peft.LoraConfig's defaults). Any other value changes what PEFT computes, so loading
+# it here would silently give other outputs: it is refused.
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "use_dora": (False, None),
     "fan_in_fan_out": (False, None),
     "bias": ("none", None),
+    "lora_bias": (False, None),
     "rank_pattern": ({}, None),
     "alpha_pattern": ({}, None),
     "modules_to_save": (None, []),
     "layers_to_transform": (None,),
+    "layers_pattern": (None, [], ""),
     "layer_replication": (None,),
     "exclude_modules": (None, []),
     "target_parameters": (None, []),
     "trainable_token_indices": (None,),
+    "megatron_config": (None,),
+    "alora_invocation_tokens": (None,),
+    "use_qalora": (False, None),
+    "velora_config": (None,),
+    "monteclora_config": (None,),
+    "use_bdlora": (None,),
+    "arrow_config": (None,),
+    "kasa_config": (None,),
+    "ensure_weight_tying": (False, None),
 }
+# What course_lib's LoRA implements (read into LoRAConfig).
+_IMPLEMENTED = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora",
+                "init_lora_weights")
+# Fields that do not change what a loaded adapter computes: bookkeeping, and settings that only
+# shape the initialisation (the loaded weights replace it) or where PEFT runs.
+_METADATA = frozenset({
+    "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+    "revision", "inference_mode", "runtime_config", "megatron_core", "qalora_group_size",
+    "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+})
+
+
+def _check_fields(data: dict[str, Any], source: str) -> None:
+    """Refuse every field that would make PEFT compute something course_lib does not."""
+    for key, value in data.items():
+        if key in _UNSUPPORTED and value not in _UNSUPPORTED[key]:
+            raise ValueError(
+                f"{source}: {key}={value!r} is not supported by course_lib's LoRA "
+                f"(allowed: {' or '.join(repr(a) for a in _UNSUPPORTED[key])}; course_lib "
+                f"implements plain LoRA with {', '.join(_IMPLEMENTED)})"
+            )
+        if key not in _UNSUPPORTED and key not in _METADATA and key not in _IMPLEMENTED:
+            raise ValueError(
+                f"{source}: unknown adapter field {key}={value!r}; course_lib's LoRA implements "
+                f"{', '.join(_IMPLEMENTED)} and refuses fields it does not know, since they may "
+                f"change the computation"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,17 +138,14 @@ def to_peft_dict(config: LoRAConfig) -> dict[str, Any]:
 def from_peft_dict(data: dict[str, Any], source: str = "adapter config") -> LoRAConfig:
     """A :class:`LoRAConfig` from PEFT's ``adapter_config.json`` dict.
 
-    A LoRA variant this course does not implement (DoRA, bias training, rank patterns, ...) is a
-    ``ValueError`` naming the field; fields that do not change the computation are ignored.
+    A LoRA variant or feature this course does not implement (DoRA, aLoRA, bias training, rank
+    patterns, ...) set to anything but its default, and any field not known to be harmless, is
+    a ``ValueError`` naming the field and its value; metadata and initialisation-only fields
+    are ignored.
     """
     if data.get("peft_type") != "LORA":
         raise ValueError(f"{source}: peft_type must be 'LORA', got {data.get('peft_type')!r}")
-    for key, allowed in _UNSUPPORTED.items():
-        if key in data and data[key] not in allowed:
-            raise ValueError(
-                f"{source}: {key}={data[key]!r} is not supported by course_lib's LoRA "
-                f"(allowed: {' or '.join(repr(a) for a in allowed)})"
-            )
+    _check_fields(data, source)
     if data.get("target_modules") is None:
         raise ValueError(f"{source}: target_modules is missing")
     known = {f.name for f in fields(LoRAConfig)}

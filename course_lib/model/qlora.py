@@ -7,8 +7,8 @@ QLoRA = 4-bit NormalFloat base weights + LoRA in 16/32 bit + paged optimisers::
 :class:`QLoRAModel` does it in two steps, as the lesson's outline says:
 
 1. **Quantise** every ``nn.Linear`` of the base model to 4 bits, except the modules named in
-   ``QuantizationConfig.llm_int8_skip_modules`` (by default the output head, as transformers
-   does), with ``bitsandbytes.nn.Linear4bit`` (backend ``"bitsandbytes"``, the layer QLoRA uses
+   ``QuantizationConfig.llm_int8_skip_modules`` (matched as transformers does; by default the
+   output head), with ``bitsandbytes.nn.Linear4bit`` (backend ``"bitsandbytes"``, the layer QLoRA uses
    in practice) or the course's :class:`NF4Linear` (``"torch"``: pure PyTorch on
    ``course_lib.model.nf4``, bit-identical NF4 codes).
 2. **Add LoRA**: walk the named modules and wrap each ``LoRAConfig.target_modules`` layer in
@@ -40,7 +40,7 @@ from course_lib.model.lora import (
     apply_lora,
     mark_only_lora_as_trainable,
 )
-from course_lib.model.targets import matches, output_head_names
+from course_lib.model.targets import normalise_skip_modules, output_head_names, skip_matches
 from course_lib.utils.memory import (
     quantization_constant_bytes,
     quantization_constant_tensors,
@@ -175,7 +175,7 @@ class QuantizationConfig:
         check_bool("bnb_4bit_use_double_quant", self.bnb_4bit_use_double_quant)
         self.bnb_4bit_compute_dtype = _compute_dtype(self.bnb_4bit_compute_dtype)
         if self.llm_int8_skip_modules is not None:
-            self.llm_int8_skip_modules = _module_names(self.llm_int8_skip_modules)
+            self.llm_int8_skip_modules = normalise_skip_modules(self.llm_int8_skip_modules)
         nf4.check_blocksize(self.blocksize)
         if self.backend is None:
             self.backend = "bitsandbytes" if bitsandbytes_available() else "torch"
@@ -215,15 +215,6 @@ def _compute_dtype(value: object) -> torch.dtype:
     if value in (torch.float32, torch.float16, torch.bfloat16):
         return value  # type: ignore[return-value]
     raise ValueError(f"bnb_4bit_compute_dtype must be {allowed}, got {value!r}")
-
-
-def _module_names(names: object) -> list[str]:
-    allowed = "None or a list of module names (e.g. ['lm_head'])"
-    if isinstance(names, str) or not isinstance(names, (list, tuple)):
-        raise TypeError(f"llm_int8_skip_modules must be {allowed}, got {names!r}")
-    if not all(isinstance(name, str) and name for name in names):
-        raise ValueError(f"llm_int8_skip_modules must be {allowed}, got {names!r}")
-    return list(names)
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,7 +348,8 @@ def quantize_model(model: nn.Module, config: QuantizationConfig | None = None) -
     """Step 1 of QLoRA: replace the model's ``nn.Linear`` layers by 4-bit ones, in place.
 
     Every ``nn.Linear`` is quantised except those matching ``config.llm_int8_skip_modules``
-    (a name or dotted suffix; default: the output head, ``lm_head`` or
+    (transformers' rule, :func:`course_lib.model.targets.skip_matches`: a prefix up to a module
+    boundary, a regex, or a plain suffix; default: the output head, ``lm_head`` or
     ``model.get_output_embeddings()``). Layers already inside a LoRA wrapper are refused.
     Returns the names of the quantised layers.
     """
@@ -377,7 +369,7 @@ def quantize_model(model: nn.Module, config: QuantizationConfig | None = None) -
     names = [
         name for name, m in model.named_modules()
         if isinstance(m, nn.Linear) and not isinstance(m, quantized_types)
-        and name not in skipped and not (skip and matches(name, skip))
+        and name not in skipped and not (skip and skip_matches(name, skip))
     ]
     if not names:
         raise ValueError(

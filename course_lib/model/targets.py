@@ -8,6 +8,12 @@ same thing everywhere:
   (``"q_proj"`` matches ``"blocks.0.attn.q_proj"``, not ``"blocks.0.attn.xq_proj"``);
 - a **string** is a regular expression that must match the whole name;
 - ``"all-linear"`` selects every linear layer except the output head (:func:`output_head_names`).
+
+QLoRA's ``llm_int8_skip_modules`` follows transformers' quantisers instead, which are looser
+(:func:`skip_matches`): an entry keeps a module unquantised when it matches the start of the
+name up to a module boundary (a prefix such as ``"model.layers.0"``), the same as a regular
+expression (``"model.layers.[01]"``), or the end of the name as plain text (``"proj"`` keeps
+every ``q_proj``, ``up_proj``...).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ __all__ = [
     "ALL_LINEAR",
     "normalise_targets",
     "matches",
+    "normalise_skip_modules",
+    "skip_matches",
     "output_head_names",
     "describe_names",
 ]
@@ -66,6 +74,42 @@ def matches(name: str, targets: Sequence[str] | str) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def normalise_skip_modules(names: object, name: str = "llm_int8_skip_modules") -> list[str]:
+    """Check an ``llm_int8_skip_modules`` list: non-empty strings, each a valid regex."""
+    allowed = "None or a list of module names (e.g. ['lm_head'])"
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise TypeError(f"{name} must be {allowed}, got {names!r}")
+    if not all(isinstance(entry, str) and entry for entry in names):
+        raise ValueError(f"{name} must be {allowed}, got {names!r}")
+    for entry in names:
+        try:
+            re.compile(entry)
+        except re.error as exc:
+            raise ValueError(
+                f"{name} entry {entry!r} is not a valid regular expression ({exc}); transformers "
+                "reads every entry as one (escape it with re.escape for a literal name)"
+            ) from None
+    return list(names)
+
+
+# A match must end at a module boundary: just after a "." or just before one (or at the end).
+_AT_BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"
+
+
+def skip_matches(name: str, skip_modules: Sequence[str]) -> bool:
+    """transformers' ``llm_int8_skip_modules`` rule: is the module ``name`` kept unquantised?
+
+    True when some entry, read as a regular expression, matches ``name`` from its start up to
+    a module boundary (``"model.layers.1"`` keeps ``"model.layers.1.mlp.up_proj"`` but not
+    ``"model.layers.11.mlp.up_proj"``), or when ``name`` ends with the entry as plain text
+    (``"proj"`` keeps ``"model.layers.0.self_attn.q_proj"``).
+    """
+    for entry in skip_modules:
+        if name.endswith(entry) or re.match(f"(?:{entry}){_AT_BOUNDARY}", name):
+            return True
+    return False
 
 
 def output_head_names(model: nn.Module, names: Iterable[str] | None = None) -> set[str]:

@@ -27,6 +27,7 @@ def check_attention_inputs(
     attn_mask: torch.Tensor | None,
     dropout_p: float,
     scale: float | None,
+    enable_gqa: bool = False,
 ) -> float:
     """Check the arguments of an attention call; return the softmax scale to use.
 
@@ -34,7 +35,8 @@ def check_attention_inputs(
     ``causal``), ``ValueError`` for a wrong value (shapes that do not fit together, an empty
     input, a mask that does not broadcast to ``(batch, num_heads, L, S)``, ``dropout_p``
     outside ``[0, 1)``, a ``scale`` that is not positive); each message names the argument.
-    ``scale=None`` gives ``1 / sqrt(head_dim)``.
+    ``scale=None`` gives ``1 / sqrt(head_dim)``. ``enable_gqa=True`` (SDPA's keyword) lets k and
+    v have fewer heads than q (grouped-query attention), a divisor of q's head count.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -55,10 +57,17 @@ def check_attention_inputs(
     (bq, hq, lq, dq), (bk, hk, sk, dk), (bv, hv, sv, dv) = q.shape, k.shape, v.shape
     if not (bq == bk == bv):
         raise ValueError(f"batch sizes differ: q {bq}, k {bk}, v {bv}")
-    if not (hq == hk == hv):
+    if not (hq == hk == hv) and not check_bool("enable_gqa", enable_gqa):
         raise ValueError(
-            f"num_heads differ: q {hq}, k {hk}, v {hv} (repeat k/v heads for grouped-query "
-            "attention before calling)"
+            f"num_heads differ: q {hq}, k {hk}, v {hv}; for grouped-query attention pass "
+            "enable_gqa=True (as with SDPA) or repeat the k/v heads before calling"
+        )
+    if hk != hv:
+        raise ValueError(f"k and v must have the same num_heads, got k {hk} and v {hv}")
+    if hk and hq % hk:
+        raise ValueError(
+            f"enable_gqa=True needs q's num_heads to be a multiple of k/v's, got q {hq} and "
+            f"k/v {hk}"
         )
     if not (dq == dk == dv):
         raise ValueError(f"head_dim differs: q {dq}, k {dk}, v {dv}")
@@ -67,6 +76,7 @@ def check_attention_inputs(
     if min(lq, sk, dq, bq, hq) == 0:
         raise ValueError(f"empty input: q shape {tuple(q.shape)}, k shape {tuple(k.shape)}")
     check_bool("causal", causal)
+    check_bool("enable_gqa", enable_gqa)
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask)}")

@@ -102,6 +102,7 @@ def flash_attention_forward(
     scale: float | None = None,
     *,
     backend: str | None = None,
+    enable_gqa: bool = False,
 ) -> torch.Tensor:
     """Attention ``softmax(q k^T * scale + mask) @ v`` through the fastest available path.
 
@@ -119,12 +120,17 @@ def flash_attention_forward(
         inputs (see :func:`sdpa_backend_support` and :data:`SDPA_REQUIREMENTS`).
       - ``"naive"``, ``"tiled"``: the hand-written paths (:func:`naive_attention`,
         :func:`tiled_attention`), for teaching and comparison.
+
+    ``enable_gqa=True`` (SDPA's keyword) allows grouped-query attention: k and v with ``Hkv``
+    heads, a divisor of q's ``Hq``; each k/v head serves ``Hq // Hkv`` consecutive query heads,
+    the same as repeating it (``k.repeat_interleave(Hq // Hkv, dim=-3)``).
     """
-    scale = check_attention_inputs(q, k, v, causal, attn_mask, dropout_p, scale)
+    scale = check_attention_inputs(q, k, v, causal, attn_mask, dropout_p, scale, enable_gqa)
     backend = check_choice("backend", default_backend() if backend is None else backend, BACKENDS)
+    gqa = {"enable_gqa": True} if k.shape[-3] != q.shape[-3] else {}  # SDPA's keyword, when needed
     if backend in MANUAL_BACKENDS:
         manual = naive_attention if backend == "naive" else tiled_attention
-        return manual(q, k, v, causal, attn_mask, dropout_p, scale)
+        return manual(q, k, v, causal, attn_mask, dropout_p, scale, **gqa)
 
     # Step 1: check support. PyTorch >= 2.0 has F.scaled_dot_product_attention (SDPA), which
     # runs the fastest kernel that accepts the inputs: FlashAttention, memory-efficient
@@ -140,7 +146,8 @@ def flash_attention_forward(
         try:
             with kernel:
                 out = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+                    q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                    **gqa,
                 )
         except RuntimeError as exc:
             if backend != "auto" or isinstance(exc, torch.OutOfMemoryError):
@@ -150,7 +157,7 @@ def flash_attention_forward(
             return _zero_empty_rows(out, mask)
     # Step 3: fall back to standard attention.
     warnings.warn(f"{reason}; computing standard attention instead", RuntimeWarning, stacklevel=2)
-    return naive_attention(q, k, v, causal, attn_mask, dropout_p, scale)
+    return naive_attention(q, k, v, causal, attn_mask, dropout_p, scale, **gqa)
 
 
 def sdpa_available() -> bool:
@@ -173,16 +180,21 @@ def naive_attention(
     scale: float | None = None,
     *,
     return_lse: bool = False,
+    enable_gqa: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Standard attention: ``S = q k^T * scale``, ``P = softmax(S)``, ``O = P v``.
 
     Materialises the ``(B, H, L, S)`` matrices ``S`` and ``P`` (the memory tiled attention
     saves). fp16/bf16 inputs are computed in fp32 and the result cast back. Differentiable.
     With ``return_lse=True`` also returns the row log-sum-exp of the scaled, masked scores,
-    shape ``(B, H, L)``, in the compute dtype.
+    shape ``(B, H, L)``, in the compute dtype. ``enable_gqa=True``: k/v may have fewer heads
+    (grouped-query attention, as in :func:`flash_attention_forward`); here they are repeated.
     """
-    scale = check_attention_inputs(q, k, v, causal, attn_mask, dropout_p, scale)
+    scale = check_attention_inputs(q, k, v, causal, attn_mask, dropout_p, scale, enable_gqa)
     check_bool("return_lse", return_lse)
+    if k.shape[-3] != q.shape[-3]:  # GQA: each k/v head serves Hq // Hkv consecutive q heads
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
     cdtype = _compute_dtype(q.dtype)
     q_len, k_len = q.shape[-2], k.shape[-2]
     s = (q.to(cdtype) @ k.to(cdtype).transpose(-2, -1)) * scale  # (B, H, L, S)
@@ -262,6 +274,7 @@ def tiled_attention(
     block_q: int = 512,
     block_k: int = 512,
     return_lse: bool = False,
+    enable_gqa: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """FlashAttention's forward pass in pure PyTorch (exact, not an approximation)::
 
@@ -288,47 +301,55 @@ def tiled_attention(
     inputs are computed and accumulated in fp32 and the output cast back. Differentiable:
     autograd records the loop and keeps every tile (unlike FlashAttention's recomputing
     backward), so train with :func:`flash_attention_forward`.
+
+    ``enable_gqa=True``: k/v may have ``Hkv`` heads, fewer than q's ``Hq`` (grouped-query
+    attention). They are not repeated: q is viewed as ``(B, Hkv, Hq // Hkv, L, hs)`` and each
+    k/v head is broadcast over its group of query heads.
     """
-    scale = check_attention_inputs(q, k, v, causal, attn_mask, dropout_p, scale)
+    scale = check_attention_inputs(q, k, v, causal, attn_mask, dropout_p, scale, enable_gqa)
     block_q = positive_int("block_q", block_q)
     block_k = positive_int("block_k", block_k)
     check_bool("return_lse", return_lse)
 
     batch, heads, q_len, head_dim = q.shape
-    k_len = k.shape[-2]
+    kv_heads, k_len = k.shape[-3], k.shape[-2]
+    groups = (kv_heads, heads // kv_heads)  # GQA: query head h uses k/v head h // (Hq // Hkv)
     offset = k_len - q_len  # bottom-right causal alignment: query i sees keys j <= i + offset
     cdtype = _compute_dtype(q.dtype)
-    qs = q.to(cdtype) * scale  # (B, H, L, hs), scaled once
-    kt = k.to(cdtype).transpose(-2, -1)  # (B, H, hs, S)
-    vc = v.to(cdtype)  # (B, H, S, hs)
-    mask = None if attn_mask is None else attn_mask.expand(batch, heads, q_len, k_len)  # a view
-    if mask is not None and mask.dtype != torch.bool:
-        mask = mask.to(cdtype)
-    out = qs.new_zeros(batch, heads, q_len, head_dim)
-    lse = qs.new_full((batch, heads, q_len), NEG_INF) if return_lse else None
+    qs = (q.to(cdtype) * scale).unflatten(1, groups)  # (B, Hkv, G, L, hs), scaled once
+    kt = k.to(cdtype).transpose(-2, -1).unsqueeze(2)  # (B, Hkv, 1, hs, S): shared by the group
+    vc = v.to(cdtype).unsqueeze(2)  # (B, Hkv, 1, S, hs)
+    mask = None
+    if attn_mask is not None:  # a view (B, Hkv, G, L, S)
+        mask = attn_mask.expand(batch, heads, q_len, k_len).unflatten(1, groups)
+        mask = mask if mask.dtype == torch.bool else mask.to(cdtype)
+    out = qs.new_zeros(qs.shape)
+    lse = qs.new_full(qs.shape[:-1], NEG_INF) if return_lse else None
     for r0 in range(0, q_len, block_q):
         r1 = min(r0 + block_q, q_len)
-        m = qs.new_full((batch, heads, r1 - r0), NEG_INF)
-        ell = qs.new_zeros(batch, heads, r1 - r0)
-        o = qs.new_zeros(batch, heads, r1 - r0, head_dim)
+        m = qs.new_full((*qs.shape[:3], r1 - r0), NEG_INF)
+        ell = qs.new_zeros(*qs.shape[:3], r1 - r0)
+        o = qs.new_zeros(*qs.shape[:3], r1 - r0, head_dim)
         # Causal: the block's last query sees keys j < r1 + offset; later key blocks are skipped.
         k_stop = min(k_len, r1 + offset) if causal else k_len
         for k0 in range(0, k_stop, block_k):
             k1 = min(k0 + block_k, k_len)
-            s = qs[:, :, r0:r1] @ kt[..., k0:k1]  # (B, H, bq, bk) tile of scores
+            s = qs[..., r0:r1, :] @ kt[..., k0:k1]  # (B, Hkv, G, bq, bk) tile of scores
             if causal and k1 - 1 > r0 + offset:  # the tile crosses the diagonal
                 q_idx = torch.arange(r0 + offset, r1 + offset, device=q.device).unsqueeze(-1)
                 s = s.masked_fill(torch.arange(k0, k1, device=q.device) > q_idx, NEG_INF)
             if mask is not None:
-                mb = mask[:, :, r0:r1, k0:k1]
+                mb = mask[..., r0:r1, k0:k1]
                 s = s.masked_fill(~mb, NEG_INF) if mb.dtype == torch.bool else s + mb
-            m, ell, o = online_softmax_update(m, ell, o, s, vc[:, :, k0:k1], dropout_p=dropout_p)
+            m, ell, o = online_softmax_update(
+                m, ell, o, s, vc[..., k0:k1, :], dropout_p=dropout_p
+            )
         empty = ell == 0  # rows with no key to attend to: output 0 (as SDPA), lse -inf
-        out[:, :, r0:r1] = o / ell.masked_fill(empty, 1.0).unsqueeze(-1)
+        out[..., r0:r1, :] = o / ell.masked_fill(empty, 1.0).unsqueeze(-1)
         if return_lse:
-            lse[:, :, r0:r1] = (m + torch.log(ell)).masked_fill(empty, NEG_INF)
-    out = out.to(q.dtype)
-    return (out, lse) if return_lse else out
+            lse[..., r0:r1] = (m + torch.log(ell)).masked_fill(empty, NEG_INF)
+    out = out.flatten(1, 2).to(q.dtype)  # (B, Hq, L, hs)
+    return (out, lse.flatten(1, 2)) if return_lse else out
 
 
 # --------------------------------------------------------------------------------------------
