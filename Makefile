@@ -110,7 +110,7 @@ test-e2e: setup
 # takes half the time but proves less (one combined path instead of two separate ones).
 test-portable: setup
 	@logs=$$(mktemp -d); pids=(); \
-	echo "nbval on other floating-point paths ($(PORTABLE_PATHS)), in parallel: about 4-6 minutes on 2 cores"; \
+	echo "nbval on other floating-point paths ($(PORTABLE_PATHS)), in parallel: about 8 minutes on 2 cores (one combined path on two workers: about half)"; \
 	for path in $(PORTABLE_PATHS); do \
 		env $${path//,/ } $(NBVAL) $(PORTABLE_NOTEBOOKS) $(PYTEST_ARGS) >"$$logs/$$path.log" 2>&1 & pids+=($$!); \
 	done; \
