@@ -17,10 +17,10 @@ import pytest
 from notebook_variants import GradedNotebook, solution_notebooks
 
 import course_lib.checks
-from course_lib.checks.core import OWN_WORK_MESSAGE
+from course_lib.checks.core import OWN_WORK_PREFIX
 from course_lib.checks.variants import Variant
 
-OWN_WORK = OWN_WORK_MESSAGE.split("{")[0].strip()  # "the check runs your own implementation..."
+OWN_WORK = OWN_WORK_PREFIX  # "the check runs your own implementation: ..."
 
 # Fill-ins that cannot delegate to a reference (the student writes down numbers they worked
 # out); every other fill-in must list at least one variant that calls the library's answer.

@@ -50,6 +50,7 @@ __all__ = [
     "call_student",
     "current_check",
     "OWN_WORK_MESSAGE",
+    "OWN_WORK_PREFIX",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -57,6 +58,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 OWN_WORK_MESSAGE = (
     "the check runs your own implementation: write it instead of calling {name}"
 )
+OWN_WORK_PREFIX = OWN_WORK_MESSAGE.split("{")[0].strip()  # what every refusal starts with
 _COURSE_PACKAGE = "course_lib"
 STUB_PREFIX = "Fill-in '"  # how the release stub's NotImplementedError message starts
 _RED, _BOLD, _DIM, _RESET = "\x1b[31m", "\x1b[1m", "\x1b[2m", "\x1b[0m"

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from course_lib.checks import call_student, check, expect, fail
+from course_lib.checks.core import OWN_WORK_PREFIX
 from course_lib.checks.variants import BLOCK, alternative, mistake
 from course_lib.data import Example, make_batch
 from course_lib.model.lora import LoRAConfig, apply_lora
@@ -351,7 +352,7 @@ def check_optimisation_step(student_fn: Callable[..., Any]) -> None:
 
 _SELECT = "nb02_select_trainable_impl"
 _STEP = "nb02_optimisation_step_impl"
-_OWN = "the check runs your own implementation: write it instead of calling course_lib."
+_OWN = OWN_WORK_PREFIX + " course_lib."
 _IS_LORA = 'is_lora = ".lora_A" in name or ".lora_B" in name'
 _ZERO = "optimizer.zero_grad(set_to_none=True)\n"
 _LOSS = 'loss = lm_loss(logits, micro.targets, micro.mask, reduction="sum") / n_tokens'

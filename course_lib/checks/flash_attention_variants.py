@@ -6,6 +6,7 @@ entry through its real check cell (:mod:`course_lib.checks.variants`)."""
 
 from __future__ import annotations
 
+from course_lib.checks.core import OWN_WORK_PREFIX
 from course_lib.checks.variants import BLOCK, alternative, mistake
 
 __all__ = ["VARIANTS"]
@@ -17,7 +18,7 @@ __all__ = ["VARIANTS"]
 
 _U = "nb04_online_softmax_impl"
 _T = "nb04_tiled_attention_impl"
-_OWN = "the check runs your own implementation: write it instead of calling"
+_OWN = OWN_WORK_PREFIX
 _ALPHA = "alpha = torch.exp(m - m_new)  # rescales what was summed against the old max"
 _ELL = "ell_new = alpha * ell + p.sum(dim=-1)"
 _O = "o_new = alpha[..., None] * o + p @ v_block"

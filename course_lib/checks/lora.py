@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from course_lib.checks import call_student, check, expect, fail
+from course_lib.checks.core import OWN_WORK_PREFIX
 from course_lib.checks.variants import alternative, block, mistake
 from course_lib.model import lora as ref
 
@@ -542,7 +543,7 @@ def _check_linear_case(cls, in_f, out_f, r, alpha, dropout, bias, *, seed):
 _COUNT = "nb01_param_count_impl"
 _LAYER = "nb01_lora_layer_impl"
 _LINEAR = "nb01_linear_with_lora_impl"
-_OWN = "the check runs your own implementation: write it instead of calling course_lib."
+_OWN = OWN_WORK_PREFIX + " course_lib."
 _SUM = "return sum(r * (d + k) for d, k in layer_shapes)"
 _H = "h = self.lora_dropout(x) @ self.lora_A.T  # (..., r)"
 _RET = "return (h @ self.lora_B.T) * self.scaling  # (..., out_features)"

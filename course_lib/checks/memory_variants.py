@@ -6,6 +6,7 @@ entry through its real check cell (:mod:`course_lib.checks.variants`)."""
 
 from __future__ import annotations
 
+from course_lib.checks.core import OWN_WORK_PREFIX
 from course_lib.checks.variants import BLOCK, alternative, mistake
 
 __all__ = ["VARIANTS"]
@@ -19,7 +20,7 @@ _SB = "nb05_saved_bytes_impl"
 _CK = "nb05_checkpointing_impl"
 _GA = "nb05_grad_accum_impl"
 _A8 = "nb05_adam8bit_impl"
-_OWN = "the check runs your own implementation: write it instead of calling"
+_OWN = OWN_WORK_PREFIX
 
 VARIANTS = (
     # -- saved activation bytes ------------------------------------------------------------

@@ -6,6 +6,7 @@ entry through its real check cell (:mod:`course_lib.checks.variants`)."""
 
 from __future__ import annotations
 
+from course_lib.checks.core import OWN_WORK_PREFIX
 from course_lib.checks.variants import BLOCK, alternative, mistake
 
 __all__ = ["VARIANTS"]
@@ -21,7 +22,7 @@ _P = "nb03_pack_nibbles_impl"
 _D = "nb03_double_quant_impl"
 _B = "nb03_bits_per_param_impl"
 _M = "nb03_qlora_model_impl"
-_OWN = "the check runs your own implementation: write it instead of calling"
+_OWN = OWN_WORK_PREFIX
 _BLOCKS = "blocks = w.reshape(-1, blocksize).float()"
 _ABSMAX = "absmax = blocks.abs().amax(dim=1)"
 _SCALED = "scaled = blocks * torch.reciprocal(absmax.clamp(min=1e-38)).unsqueeze(1)"

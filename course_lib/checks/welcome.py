@@ -14,6 +14,7 @@ from numbers import Real
 from typing import Any
 
 from course_lib.checks import call_student, check, fail
+from course_lib.checks.core import OWN_WORK_PREFIX
 from course_lib.checks.variants import BLOCK, alternative, mistake
 from course_lib.model.lora import lora_parameter_count, lora_savings
 
@@ -182,7 +183,7 @@ def check_savings(student_fn: Callable[..., Any]) -> None:
 
 _COUNT = "nb00_param_count_impl"
 _SAVE = "nb00_savings_impl"
-_OWN = "the check runs your own implementation: write it instead of calling course_lib."
+_OWN = OWN_WORK_PREFIX + " course_lib."
 
 VARIANTS = (
     mistake(_COUNT, "full_weight", "returns d*k, the full weight's size",
